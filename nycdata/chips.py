@@ -1,0 +1,166 @@
+"""The on-disk chip format: dataset manifest, chip files and the chip index.
+
+A dataset directory looks like this::
+
+    DATA_DIR/
+      dataset.json                  # DatasetSpec: chip size, timesteps, modalities
+      chips.parquet                 # chip index (GeoParquet), one row per chip
+      S2L2A/<chip_id>_S2L2A.tif     # T x 12 bands, time-major, int16/uint16, reflectance x 10000
+      S1RTC/<chip_id>_S1RTC.tif     # T x 2 bands (VV, VH), time-major, float32, dB
+      DEM/<chip_id>_DEM.tif         # 1 band, metres (repeated over T when read)
+      LULC/<chip_id>_LULC.tif       # label: 1 band uint8, classes 0..4, 255 = ignore
+
+"Time-major" means band ``t * n_bands + b`` (0-based) holds band ``b`` of
+timestep ``t``. All files of one chip share CRS, transform and size. The
+per-modality folders and ``<id>_<MOD>.tif`` names follow terratorch's
+``GenericMultiModalDataModule`` convention, so the files can also be read by it.
+
+The chip index has one row per chip with columns ``chip_id``, ``parent_id``,
+``split`` (train/val/test), ``row``/``col`` within the parent, ``crs`` (the
+chip's own CRS), ``dates`` (ISO date per timestep, ``|``-separated),
+``count_<class>`` pixel counts (see :mod:`nycdata.classes`) plus
+``count_ignore``, ``path_<MOD>`` relative to DATA_DIR, and the footprint
+``geometry`` in EPSG:4326, the one CRS that fits chips from any UTM zone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nycdata.classes import CLASS_NAMES
+
+FORMAT_VERSION = "nycdata-chips/1"
+SPEC_FILE = "dataset.json"
+INDEX_FILE = "chips.parquet"
+INDEX_CRS = "EPSG:4326"
+SPLITS = ("train", "val", "test")
+LABEL = "LULC"
+
+S2L2A_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
+S1RTC_BANDS = ("VV", "VH")
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    name: str
+    bands: tuple[str, ...]
+    per_timestep: bool  # False: one set of bands for all timesteps (DEM, label)
+    dtypes: tuple[str, ...]  # allowed on disk; the first is what writers use
+
+    def band_count(self, timesteps: int) -> int:
+        return len(self.bands) * (timesteps if self.per_timestep else 1)
+
+    def band_descriptions(self, timesteps: int) -> list[str]:
+        if not self.per_timestep:
+            return list(self.bands)
+        return [f"t{t}_{band}" for t in range(timesteps) for band in self.bands]
+
+
+MODALITIES: dict[str, ModalitySpec] = {
+    "S2L2A": ModalitySpec("S2L2A", S2L2A_BANDS, True, ("int16", "uint16")),
+    "S1RTC": ModalitySpec("S1RTC", S1RTC_BANDS, True, ("float32",)),
+    "DEM": ModalitySpec("DEM", ("DEM",), False, ("float32", "int16")),
+    LABEL: ModalitySpec(LABEL, ("class",), False, ("uint8",)),
+}
+INPUT_MODALITIES = ("S2L2A", "S1RTC", "DEM")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What every chip of a dataset looks like; stored as ``dataset.json``."""
+
+    chip_size: int
+    timesteps: int
+    modalities: tuple[str, ...] = INPUT_MODALITIES
+    label: str = LABEL
+    format: str = FORMAT_VERSION
+    source: dict = field(default_factory=dict)  # who made it and with which settings
+
+    def all_modalities(self) -> tuple[str, ...]:
+        return (*self.modalities, self.label)
+
+    def write(self, data_dir: Path) -> None:
+        payload = asdict(self)
+        payload["modalities"] = list(self.modalities)
+        (Path(data_dir) / SPEC_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def read(cls, data_dir: Path) -> "DatasetSpec":
+        path = Path(data_dir) / SPEC_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: {data_dir} is not a chip dataset. Create one with "
+                "`python -m nycdata fixture DIR` (synthetic) or `python -m nycdata build` (real data)."
+            )
+        try:
+            payload = json.loads(path.read_text())
+            payload["modalities"] = tuple(payload["modalities"])
+            spec = cls(**payload)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not a valid dataset manifest: {err}") from err
+        if spec.format != FORMAT_VERSION:
+            raise ValueError(f"{path}: format {spec.format!r}, this nycdata reads {FORMAT_VERSION!r}")
+        unknown = set(spec.all_modalities()) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"{path}: unknown modalities {sorted(unknown)}; known: {sorted(MODALITIES)}")
+        return spec
+
+
+def chip_id(parent_id: str, row: int, col: int) -> str:
+    return f"nyc_{parent_id}_r{row}c{col}"
+
+
+def chip_relpath(chip: str, modality: str) -> str:
+    return f"{modality}/{chip}_{modality}.tif"
+
+
+def path_column(modality: str) -> str:
+    return f"path_{modality}"
+
+
+def count_columns() -> list[str]:
+    return [f"count_{name}" for name in CLASS_NAMES] + ["count_ignore"]
+
+
+def write_raster(path: Path, array: np.ndarray, crs, transform, descriptions=None) -> None:
+    """Write a (bands, H, W) array as a deflate-compressed GeoTIFF, deterministically."""
+    import rasterio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bands, height, width = array.shape
+    profile = dict(
+        driver="GTiff", width=width, height=height, count=bands, dtype=array.dtype.name,
+        crs=crs, transform=transform, compress="deflate", tiled=False, interleave="band",
+    )
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(array)
+        for i, text in enumerate(descriptions or [], start=1):
+            dst.set_band_description(i, text)
+
+
+def write_index(data_dir: Path, index) -> Path:
+    """Write the chip index GeoDataFrame (sorted by chip_id) to ``chips.parquet``."""
+    index = index.sort_values("chip_id").reset_index(drop=True)
+    path = Path(data_dir) / INDEX_FILE
+    index.to_parquet(path, index=False)
+    return path
+
+
+def read_index(data_dir: Path):
+    """Read ``chips.parquet`` as a GeoDataFrame, with a clear error when absent."""
+    import geopandas as gpd
+
+    path = Path(data_dir) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"chip index {path} not found. Build a dataset first (`python -m nycdata fixture {data_dir}`)."
+        )
+    return gpd.read_parquet(path)
+
+
+def split_dates(dates: str) -> list[str]:
+    return [d for d in str(dates).split("|") if d]

@@ -1,0 +1,165 @@
+"""Dataset and Lightning DataModule over the chip format.
+
+A thin Dataset over rasterio rather than terratorch's
+``GenericMultiModalDataModule``: the static DEM must be repeated over T
+(the generic module's ``expand_temporal_dimension`` cannot), splits come from
+the chip index rather than split text files, and every read goes through
+:func:`nycdata.validate.read_chip`, so a bad chip raises one error naming the
+chip and file instead of a rasterio or collate traceback.
+
+Batches: ``{"image": {mod: [B, C, T, H, W] float32}, "mask": [B, H, W] int64
+(255 = ignore), "filename": [chip_id, ...]}``. terratorch's task passes any
+other batch key to the model as a keyword, so there are no others.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from nycdata import chips
+from nycdata.validate import read_chip
+
+# TerraMind v1 pretraining statistics (S1RTC in dB, DEM in metres).
+TERRAMIND_V1_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "S2L2A": (
+        (1390.458, 1503.317, 1718.197, 1853.910, 2199.100, 2779.975, 2987.011, 3083.234, 3132.220, 3162.988, 2424.884, 1857.648),
+        (2106.761, 2141.107, 2038.973, 2134.138, 2085.321, 1889.926, 1820.257, 1871.918, 1753.829, 1797.379, 1434.261, 1334.311),
+    ),
+    "S1RTC": ((-10.93, -17.329), (4.391, 4.459)),
+    "DEM": ((670.665,), (951.272,)),
+}
+NORMALIZATIONS = {"terramind_v1": TERRAMIND_V1_STATS}
+AUGMENTATIONS = ("d4", "none")
+D4_TRANSFORMS = 8
+
+
+def d4_transform(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Element ``k`` (0..7) of the dihedral group on the last two axes: rotate k%4 quarter turns, then flip if k >= 4."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def normalization_stats(name: str) -> dict:
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"normalization {name!r} unknown; choose one of {sorted(NORMALIZATIONS)}")
+    return NORMALIZATIONS[name]
+
+
+class ChipDataset(Dataset):
+    """One split of a chip dataset. Holds only paths and plain records, so it pickles to spawned workers."""
+
+    def __init__(self, data_root: str | Path, split: str, modalities: Sequence[str] = chips.INPUT_MODALITIES,
+                 augment: str = "none", normalization: str = "terramind_v1"):
+        self.data_root = Path(data_root)
+        self.spec = chips.DatasetSpec.read(self.data_root)
+        missing = [m for m in modalities if m not in self.spec.modalities]
+        if missing:
+            raise ValueError(f"modalities {missing} requested but {self.data_root} only has {list(self.spec.modalities)}")
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment {augment!r} unknown; choose one of {list(AUGMENTATIONS)}")
+        self.modalities = tuple(modalities)
+        self.augment = augment
+        self.stats = {m: _as_tensors(normalization_stats(normalization)[m]) for m in self.modalities}
+        index = chips.read_index(self.data_root)
+        if split not in chips.SPLITS:
+            raise ValueError(f"split {split!r} unknown; choose one of {list(chips.SPLITS)}")
+        self.records = index.loc[index["split"] == split].drop(columns="geometry").to_dict("records")
+        if not self.records:
+            raise ValueError(f"split {split!r} of {self.data_root} has no chips; check the split column of chips.parquet")
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        arrays = read_chip(self.data_root, self.spec, record, (*self.modalities, self.spec.label))
+        image = {m: self._to_tensor(m, arrays[m]) for m in self.modalities}
+        mask = torch.from_numpy(arrays[self.spec.label][0].astype(np.int64))
+        if self.augment == "d4":
+            k = int(torch.randint(D4_TRANSFORMS, (1,)))
+            image = {m: d4_transform(x, k) for m, x in image.items()}
+            mask = d4_transform(mask, k)
+        return {"image": image, "mask": mask, "filename": record["chip_id"]}
+
+    def _to_tensor(self, modality: str, array: np.ndarray) -> torch.Tensor:
+        """(T*C or C, H, W) on disk -> normalised (C, T, H, W) float32."""
+        T = self.spec.timesteps
+        x = torch.from_numpy(array.astype(np.float32))
+        if chips.MODALITIES[modality].per_timestep:
+            x = x.reshape(T, -1, *x.shape[-2:]).transpose(0, 1)
+        else:
+            x = x.unsqueeze(1).expand(-1, T, -1, -1)
+        mean, std = self.stats[modality]
+        return ((x - mean) / std).contiguous()
+
+
+def _as_tensors(stats) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1, 1) for v in stats)
+    return mean, std
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed Python ``random`` and numpy in a loader worker from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+class NYCDataModule(pl.LightningDataModule):
+    """Train (augmented), val and test loaders over a chip dataset."""
+
+    def __init__(self, data_root: str, modalities: Sequence[str] = chips.INPUT_MODALITIES, batch_size: int = 8,
+                 num_workers: int = 0, augment: str = "d4", normalization: str = "terramind_v1",
+                 pin_memory: bool = False, multiprocessing_context: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.datasets: dict[str, ChipDataset] = {}
+
+    @classmethod
+    def from_params(cls, params: Mapping, **overrides) -> "NYCDataModule":
+        from nycdata.params import resolve_path
+
+        data_root = resolve_path(params["data_root"])
+        spec = chips.DatasetSpec.read(data_root)
+        if spec.timesteps != params["timesteps"]:
+            raise ValueError(f"parameter timesteps={params['timesteps']} but {data_root} has {spec.timesteps} timesteps per chip")
+        kwargs = dict(data_root=str(data_root), modalities=list(params["modalities"]), batch_size=params["batch_size"],
+                      num_workers=params["num_workers"], augment=params["augment"], normalization=params["normalization"])
+        return cls(**{**kwargs, **overrides})
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        for split in chips.SPLITS:
+            if split not in self.datasets:
+                augment = hp.augment if split == "train" else "none"
+                self.datasets[split] = ChipDataset(hp.data_root, split, hp.modalities, augment, hp.normalization)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        hp = self.hparams
+        workers = hp.num_workers
+        return DataLoader(
+            self.datasets[split], batch_size=hp.batch_size, shuffle=shuffle, num_workers=workers,
+            pin_memory=hp.pin_memory, worker_init_fn=seed_worker, persistent_workers=workers > 0,
+            multiprocessing_context=hp.multiprocessing_context if workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

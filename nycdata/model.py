@@ -1,0 +1,54 @@
+"""The segmentation model of the original study, built with terratorch's EncoderDecoderFactory.
+
+TerraMind backbone over T timesteps (temporal wrapper, ``concat`` pooling),
+necks ``SelectIndices -> ReshapeTokensToImage(remove_cls_token=False) ->
+LearnedInterpolateToPyramidal``, ``UNetDecoder [512, 256, 128, 64]``, head
+dropout 0.1, 5 classes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from nycdata.classes import NUM_CLASSES
+
+MODEL_SIZES = ("tiny", "small", "base", "large")
+NECK_INDICES = {"tiny": [2, 5, 8, 11], "small": [2, 5, 8, 11], "base": [2, 5, 8, 11], "large": [5, 11, 17, 23]}
+
+
+def backbone_name(model_size: str, tim: bool = False) -> str:
+    if model_size not in MODEL_SIZES:
+        raise ValueError(f"model_size {model_size!r} unknown; choose one of {list(MODEL_SIZES)}")
+    return f"terramind_v1_{model_size}" + ("_tim" if tim else "")
+
+
+def model_args(model_size: str, modalities: Sequence[str], timesteps: int, pretrained: bool,
+               tim_modalities: Sequence[str] | None = None) -> dict:
+    """``model_args`` for terratorch's EncoderDecoderFactory (and SemanticSegmentationTask)."""
+    args = dict(
+        backbone=backbone_name(model_size, tim=bool(tim_modalities)),
+        backbone_pretrained=pretrained,
+        backbone_modalities=list(modalities),
+        backbone_use_temporal=True,
+        backbone_temporal_pooling="concat",
+        backbone_temporal_n_timestamps=timesteps,
+        necks=[
+            {"name": "SelectIndices", "indices": NECK_INDICES[model_size]},
+            {"name": "ReshapeTokensToImage", "remove_cls_token": False},
+            {"name": "LearnedInterpolateToPyramidal"},
+        ],
+        decoder="UNetDecoder",
+        decoder_channels=[512, 256, 128, 64],
+        head_dropout=0.1,
+        num_classes=NUM_CLASSES,
+    )
+    if tim_modalities:
+        args["backbone_tim_modalities"] = list(tim_modalities)
+    return args
+
+
+def build_model(**kwargs):
+    """Build the segmentation model; ``kwargs`` as for :func:`model_args`."""
+    from terratorch.models import EncoderDecoderFactory
+
+    return EncoderDecoderFactory().build_model(task="segmentation", **model_args(**kwargs))

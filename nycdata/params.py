@@ -1,0 +1,85 @@
+"""Parameter sets: ``params/nyc.yaml`` holds every key and the real study's defaults.
+
+Other files (``params/fixture.yaml``, your own) and command-line or papermill
+overrides change a subset. A key that ``nyc.yaml`` does not define is an
+error with a suggestion, never a silent no-op (papermill itself only warns
+about unknown ``-p`` names). Relative paths resolve against the repository
+root, so results do not depend on the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARAMS_DIR = REPO_ROOT / "params"
+DEFAULTS_FILE = PARAMS_DIR / "nyc.yaml"
+PATH_KEYS = ("data_root", "output_root")
+
+
+class ParamError(ValueError):
+    """A parameter is unknown, mistyped or inconsistent; the message names it."""
+
+
+def defaults() -> dict[str, Any]:
+    return _read_yaml(DEFAULTS_FILE)
+
+
+def load_params(*files: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, then each params file in order, then ``overrides``; all keys checked."""
+    params = defaults()
+    for path in files:
+        _merge(params, _read_yaml(Path(path)), source=str(path))
+    _merge(params, dict(overrides or {}), source="overrides")
+    return params
+
+
+def check_known(names, source: str = "parameters") -> None:
+    """Raise :class:`ParamError` for any name that is not a known parameter."""
+    known = defaults()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ParamError(f"unknown parameter(s) in {source}: {', '.join(hints)}. Known parameters are the keys of {DEFAULTS_FILE}.")
+
+
+def resolve_path(value: str | Path) -> Path:
+    """A params path: absolute as given, relative to the repository root otherwise."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _merge(params: dict, new: Mapping[str, Any], source: str) -> None:
+    check_known(new, source)
+    for key, value in new.items():
+        expected = params[key]
+        if expected is not None and value is not None and not _same_kind(expected, value):
+            raise ParamError(f"parameter {key!r} in {source}: expected {type(expected).__name__} like {expected!r}, got {value!r}")
+        params[key] = value
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
+    return isinstance(value, type(default))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ParamError(f"params file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamError(f"params file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ParamError(f"params file {path} must be a mapping of parameter names to values")
+    return data
