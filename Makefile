@@ -1,0 +1,32 @@
+# Two entry points: `make test` and `make demo`. Each creates .venv when it is
+# missing or older than requirements.lock / pyproject.toml, so a fresh clone
+# needs nothing else; a second run does not reinstall.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-from-lock
+
+.PHONY: test demo venv lock clean-outputs
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m nycdata run -f params/fixture.yaml -p run_name demo --overwrite
+
+# Refresh the lock from the current .venv (after a deliberate dependency change).
+lock: $(STAMP)
+	{ echo "# Exact versions of a working environment (Python 3.11, x86_64). Regenerate with: make lock"; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^nycdata'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean-outputs:
+	rm -rf outputs/fixture_data outputs/demo
