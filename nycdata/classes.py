@@ -74,13 +74,12 @@ def class_counts(label: np.ndarray) -> dict[str, int]:
 
 
 def colormap():
-    """A matplotlib ListedColormap + BoundaryNorm for label maps (ignore in black)."""
+    """A matplotlib ListedColormap + BoundaryNorm for label maps: class k in its colour, ignore in black."""
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
-    cmap = ListedColormap(list(CLASS_COLOURS))
-    cmap.set_over(IGNORE_COLOUR)
-    norm = BoundaryNorm(np.arange(-0.5, NUM_CLASSES + 0.5), NUM_CLASSES, extend="max")
-    return cmap, norm
+    cmap = ListedColormap([*CLASS_COLOURS, IGNORE_COLOUR])
+    boundaries = [*np.arange(-0.5, NUM_CLASSES), IGNORE_INDEX + 0.5]
+    return cmap, BoundaryNorm(boundaries, cmap.N)
 
 
 def legend_handles():

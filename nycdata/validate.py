@@ -18,6 +18,7 @@ from nycdata import chips
 from nycdata.classes import IGNORE_INDEX, NUM_CLASSES
 
 REQUIRED_COLUMNS = ("chip_id", "parent_id", "split", "crs", "dates", "geometry")
+MISSING_COLUMNS = "index lacks columns"
 VALID_LABELS = frozenset(range(NUM_CLASSES)) | {IGNORE_INDEX}
 
 
@@ -71,7 +72,8 @@ def inspect_chip(data_dir: Path, spec: chips.DatasetSpec, record: Mapping,
         if reference is None:
             reference = (*georef, rel)
         elif georef != reference[:2]:
-            problems.append(Problem(cid, rel, f"CRS/transform differ from {reference[2]}; all modalities of a chip must share one grid"))
+            problems.append(Problem(cid, str(Path(data_dir) / rel),
+                                    f"CRS/transform differ from {reference[2]}; all modalities of a chip must share one grid"))
         if array is not None:
             arrays[modality] = array
     return arrays, problems
@@ -132,8 +134,8 @@ def validate_dataset(data_dir: Path, progress=None) -> list[Problem]:
     except Exception as err:  # a corrupt parquet raises arrow-specific errors
         return [Problem(None, str(data_dir / chips.INDEX_FILE), f"unreadable chip index ({err})")]
     problems = _check_index(index, spec)
-    if any(col not in index.columns for col in REQUIRED_COLUMNS):
-        return problems
+    if any(p.message.startswith(MISSING_COLUMNS) for p in problems):
+        return problems  # every chip would repeat the same complaint
     for i, record in enumerate(index.to_dict("records")):
         problems.extend(inspect_chip(data_dir, spec, record)[1])
         if progress and (i + 1) % 50 == 0:
@@ -146,7 +148,7 @@ def _check_index(index, spec: chips.DatasetSpec) -> list[Problem]:
     where = chips.INDEX_FILE
     missing = [c for c in (*REQUIRED_COLUMNS, *map(chips.path_column, spec.all_modalities())) if c not in index.columns]
     if missing:
-        return [Problem(None, where, f"index lacks columns {missing}")]
+        return [Problem(None, where, f"{MISSING_COLUMNS} {missing}")]
     problems = [Problem(cid, where, "chip id appears more than once in the index")
                 for cid in sorted(set(index.loc[index["chip_id"].duplicated(), "chip_id"]))]
     problems += [Problem(str(cid), where, f"unknown split {split!r}; expected one of {list(chips.SPLITS)}")

@@ -103,13 +103,6 @@ def test_class_counts_empty_classes_are_zero():
     assert counts == {"water": 0, "developed": 0, "trees": 0, "herbaceous": 0, "other": 0, "ignore": 16}
 
 
-@pytest.mark.xfail(
-    reason="package bug: classes.colormap() builds BoundaryNorm(6 boundaries, ncolors=5, extend='max'), "
-           "which needs 6 colours, so matplotlib raises ValueError('There are 6 color bins including "
-           "extensions, but ncolors = 5 ...')",
-    raises=ValueError,
-    strict=True,
-)
 def test_colormap_maps_classes_to_their_colours_and_ignore_to_black():
     from matplotlib.colors import to_rgba
 
@@ -118,6 +111,8 @@ def test_colormap_maps_classes_to_their_colours_and_ignore_to_black():
     rgba = cmap(norm(values))
     expected = [to_rgba(c) for c in CLASS_COLOURS] + [to_rgba(IGNORE_COLOUR)]
     np.testing.assert_allclose(rgba, expected)
+    # any value above the classes (not only 255) is drawn as ignore
+    np.testing.assert_allclose(cmap(norm(np.array([5, 200]))), [to_rgba(IGNORE_COLOUR)] * 2)
 
 
 def test_legend_handles_in_class_order():
