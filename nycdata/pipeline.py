@@ -19,8 +19,8 @@ from nycdata.io import replace_dir_atomically, write_json
 from nycdata.params import resolve_path
 
 
-def prepare_dataset(params: Mapping, log: Callable[[str], None] = print) -> Path:
-    """Return the validated dataset directory of ``params``, generating the fixture if asked to."""
+def prepare_dataset(params: Mapping, log: Callable[[str], None] = print, validate: bool = True) -> Path:
+    """Return the dataset directory of ``params`` (validated unless told not to), generating the fixture if asked to."""
     from nycdata.fixture import FixtureConfig, ensure_fixture
     from nycdata.validate import validate_dataset
 
@@ -35,6 +35,8 @@ def prepare_dataset(params: Mapping, log: Callable[[str], None] = print) -> Path
             f"data_root {data_root} holds no chip dataset. Build it from real sources "
             "(`python -m nycdata build`, see README) or run with `-f params/fixture.yaml`."
         )
+    if not validate:
+        return data_root
     problems = validate_dataset(data_root)
     if problems:
         listing = "\n  ".join(map(str, problems[:20]))

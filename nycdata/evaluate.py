@@ -1,0 +1,148 @@
+"""Test finished runs on the test split: per-chip confusion matrices, metrics, the TiM-vs-baseline comparison.
+
+Everything is derived from per-chip confusion matrices, saved as
+``per_chip.csv`` (chip_id, parent_id, variant, seed, ``cm_<true>_<pred>``),
+so later analyses (bootstrap over parents) never re-run a model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from nycdata import chips
+from nycdata.classes import CLASS_NAMES, NUM_CLASSES
+from nycdata.io import write_json
+from nycdata.metrics import gate, metrics_from_confusion, per_chip_confusion
+from nycdata.params import resolve_path
+from nycdata.train import SUMMARY_FILE, NYCSegmentationTask, seed_everything
+from nycdata.variants import COMPARISONS
+
+TEST_METRICS_FILE = "test_metrics.json"
+PER_CHIP_FILE = "per_chip.csv"
+COMPARISON_FILE = "comparison.json"
+CM_COLUMNS = [f"cm_{t}_{p}" for t in range(NUM_CLASSES) for p in range(NUM_CLASSES)]
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    variant: str
+    seed: int
+    path: Path
+
+
+def run_root(params: Mapping) -> Path:
+    return resolve_path(params["output_root"]) / params["run_name"]
+
+
+def finished_runs(root: Path) -> list[FinishedRun]:
+    """Every ``<variant>/seed<k>`` under ``root`` whose training finished (has ``train_summary.json``)."""
+    runs = []
+    for summary in sorted(Path(root).glob(f"*/seed*/{SUMMARY_FILE}")):
+        info = json.loads(summary.read_text())
+        runs.append(FinishedRun(info["variant"], int(info["seed"]), summary.parent))
+    return runs
+
+
+def load_task(run: FinishedRun, device: str = "cpu") -> NYCSegmentationTask:
+    checkpoint = run.path / "checkpoints" / "best.ckpt"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint} missing: the run {run.variant}/seed{run.seed} has no best checkpoint")
+    return NYCSegmentationTask.load_from_checkpoint(checkpoint, map_location=device).eval().to(device)
+
+
+@torch.no_grad()
+def predict_confusions(task, loader, device: str = "cpu") -> tuple[list[str], np.ndarray]:
+    """Per-chip confusion matrices ``[N, 5, 5]`` of a model over a loader."""
+    names, matrices = [], []
+    for batch in loader:
+        image = {m: x.to(device) for m, x in batch["image"].items()}
+        pred = task.model(image).output.argmax(1).cpu()
+        matrices.append(per_chip_confusion(batch["mask"], pred))
+        names.extend(batch["filename"])
+    return names, np.concatenate(matrices)
+
+
+@torch.no_grad()
+def predict_maps(task, loader, device: str = "cpu") -> np.ndarray:
+    """Predicted class maps ``[N, H, W]`` of a model over a loader."""
+    preds = [task.model({m: x.to(device) for m, x in batch["image"].items()}).output.argmax(1).cpu() for batch in loader]
+    return torch.cat(preds).numpy()
+
+
+def test_run(run: FinishedRun, params: Mapping, datamodule, device: str = "cpu") -> pd.DataFrame:
+    """Test one finished run; write its ``test_metrics.json``; return its per-chip rows."""
+    seed_everything(run.seed)  # TiM samples its thought: fixed seed, reproducible test numbers
+    names, matrices = predict_confusions(load_task(run, device), datamodule.test_dataloader(), device)
+    metrics = metrics_from_confusion(matrices.sum(0))
+    write_json(run.path / TEST_METRICS_FILE, {"variant": run.variant, "seed": run.seed, "n_test_chips": len(names),
+                                              **metrics, "confusion": matrices.sum(0).tolist()})
+    rows = pd.DataFrame(matrices.reshape(len(names), -1), columns=CM_COLUMNS)
+    rows.insert(0, "chip_id", names)
+    rows.insert(1, "variant", run.variant)
+    rows.insert(2, "seed", run.seed)
+    return rows
+
+
+def test_all(params: Mapping, log: Callable[[str], None] = print, device: str = "cpu") -> pd.DataFrame:
+    """Test every finished run of ``params``' run folder; write ``per_chip.csv``; return it."""
+    from nycdata.data import NYCDataModule
+
+    root = run_root(params)
+    runs = finished_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no finished fine-tune under {root}: run 03_finetune first")
+    index = chips.read_index(resolve_path(params["data_root"]))[["chip_id", "parent_id"]]
+    frames = []
+    for run in runs:
+        datamodule = NYCDataModule.from_params({**params, "modalities": list(_run_modalities(run))})
+        frames.append(test_run(run, params, datamodule, device))
+        log(f"tested {run.variant}/seed{run.seed}")
+    per_chip = pd.concat(frames).merge(index, on="chip_id", how="left")
+    per_chip = per_chip[["chip_id", "parent_id", "variant", "seed", *CM_COLUMNS]]
+    per_chip.to_csv(root / PER_CHIP_FILE, index=False)
+    return per_chip
+
+
+def _run_modalities(run: FinishedRun) -> tuple[str, ...]:
+    from nycdata.variants import get_variant
+
+    return get_variant(run.variant).modalities
+
+
+def variant_metrics(per_chip: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant and seed: test metrics from the summed confusion of all test chips."""
+    rows = []
+    for (variant, seed), group in per_chip.groupby(["variant", "seed"]):
+        m = metrics_from_confusion(group[CM_COLUMNS].to_numpy().sum(0).reshape(NUM_CLASSES, NUM_CLASSES))
+        rows.append({"variant": variant, "seed": seed, "miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"],
+                     "macro_f1": m["macro_f1"], **{f"iou_{c}": m["iou"][c] for c in CLASS_NAMES}})
+    return pd.DataFrame(rows)
+
+
+def compare(per_chip: pd.DataFrame) -> dict:
+    """TiM vs its baseline for every comparison both sides of which were run, with the seed's gate."""
+    table = variant_metrics(per_chip)
+    result = {}
+    for tim, base in COMPARISONS:
+        a, b = (table[table.variant == v].set_index("seed").drop(columns="variant") for v in (tim, base))
+        seeds = sorted(set(a.index) & set(b.index))
+        if not seeds:
+            continue
+        delta = a.loc[seeds] - b.loc[seeds]
+        delta_pp = float(delta["miou"].mean() * 100)
+        result[f"{tim}_vs_{base}"] = {
+            "tim": tim, "baseline": base, "seeds": seeds, "n_seeds": len(seeds),
+            "n_test_chips": int(per_chip[(per_chip.variant == tim) & (per_chip.seed == seeds[0])].shape[0]),
+            "delta_miou_pp": delta_pp, "tim_miou": float(a.loc[seeds, "miou"].mean()),
+            "baseline_miou": float(b.loc[seeds, "miou"].mean()),
+            "per_class_delta_iou_pp": {c: float(delta[f"iou_{c}"].mean() * 100) for c in CLASS_NAMES},
+            **gate(delta_pp),
+        }
+    return result

@@ -1,0 +1,132 @@
+"""Every figure of the package; label maps always use the colours of :mod:`nycdata.classes`."""
+
+from __future__ import annotations
+
+import matplotlib
+import matplotlib.patches
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from nycdata.classes import CLASS_COLOURS, CLASS_NAMES, colormap, legend_handles
+
+S2_RGB = (3, 2, 1)  # B04, B03, B02 within a timestep
+
+
+def class_histogram(pixels: pd.DataFrame):
+    """Bar chart of label pixels per split and class."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    pixels[list(CLASS_NAMES)].plot.bar(ax=ax, color=list(CLASS_COLOURS), rot=0)
+    ax.set_ylabel("label pixels")
+    ax.set_title("class balance per split")
+    return fig
+
+
+def footprints(index):
+    """Chip footprints coloured by split (lon/lat, no web tiles)."""
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for split, colour in zip(("train", "val", "test"), ("#4c72b0", "#dd8452", "#c44e52")):
+        part = index[index["split"] == split]
+        if len(part):
+            part.plot(ax=ax, color=colour, edgecolor="black", linewidth=0.3, label=split)
+    ax.set_xlabel("longitude")
+    ax.set_ylabel("latitude")
+    ax.set_title("chip footprints by split")
+    ax.legend(handles=[matplotlib.patches.Patch(color=c, label=s) for s, c in
+                       zip(("train", "val", "test"), ("#4c72b0", "#dd8452", "#c44e52"))])
+    return fig
+
+
+def label_image(ax, label, title: str = "label") -> None:
+    cmap, norm = colormap()
+    ax.imshow(np.asarray(label), cmap=cmap, norm=norm, interpolation="nearest")
+    ax.set_title(title)
+    ax.axis("off")
+
+
+def rgb(s2_reflectance: np.ndarray) -> np.ndarray:
+    """(12, H, W) reflectance x 10000 -> (H, W, 3) in 0..1 with a 2-98 % stretch."""
+    image = np.stack([s2_reflectance[b] for b in S2_RGB], axis=-1).astype(float)
+    lo, hi = np.percentile(image, (2, 98))
+    return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
+def sample_panel(arrays: dict, timesteps: int, title: str):
+    """S2 RGB per timestep, S1 VV/VH (first timestep), DEM and label of one chip (raw arrays from disk)."""
+    n = timesteps + 4
+    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.8))
+    s2 = arrays["S2L2A"].reshape(timesteps, 12, *arrays["S2L2A"].shape[-2:])
+    for t in range(timesteps):
+        axes[t].imshow(rgb(s2[t]))
+        axes[t].set_title(f"S2 RGB t{t}")
+    for i, pol in enumerate(("VV", "VH")):
+        axes[timesteps + i].imshow(arrays["S1RTC"][i], cmap="gray")
+        axes[timesteps + i].set_title(f"S1 {pol} dB")
+    axes[timesteps + 2].imshow(arrays["DEM"][0], cmap="terrain")
+    axes[timesteps + 2].set_title("DEM m")
+    label_image(axes[-1], arrays["LULC"][0])
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.legend(handles=legend_handles(), loc="lower center", ncol=5, fontsize=8)
+    return fig
+
+
+def training_curves(epochs: pd.DataFrame):
+    """Loss and mIoU per epoch from the folded ``metrics.csv``."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for column in ("train/loss", "val/loss"):
+        if column in epochs:
+            left.plot(epochs["epoch"] + 1, epochs[column], marker="o", label=column)
+    for column in ("train/mIoU", "val/mIoU"):
+        if column in epochs:
+            right.plot(epochs["epoch"] + 1, epochs[column], marker="o", label=column)
+    left.set_xlabel("epoch")
+    right.set_xlabel("epoch")
+    left.legend()
+    right.legend()
+    return fig
+
+
+def confusion(cm: np.ndarray, title: str):
+    """Raw counts and row-normalised confusion matrix side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rows = cm.sum(1, keepdims=True)
+    normalised = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
+    for ax, data, name in ((axes[0], cm, "pixels"), (axes[1], normalised, "row-normalised")):
+        ax.imshow(data, cmap="Blues")
+        for (i, j), value in np.ndenumerate(data):
+            ax.text(j, i, f"{value:.2f}" if data is normalised else f"{int(value)}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45)
+        ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title}: {name}")
+    fig.tight_layout()
+    return fig
+
+
+def thought_panel(rgb_image, truth, esri_map, thought_classes, tokens, predictions: dict, title: str):
+    """S2 RGB, ground truth, decoded thought (ESRI legend), thought in our classes, token grid, predictions."""
+    from matplotlib.colors import ListedColormap
+
+    from nycdata.tim import ESRI_LULC_CLASSES, ESRI_LULC_COLOURS
+
+    n = 5 + len(predictions)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0))
+    axes[0].imshow(rgb_image)
+    axes[0].set_title("S2 RGB")
+    label_image(axes[1], truth, "ground truth")
+    axes[2].imshow(esri_map, cmap=ListedColormap(ESRI_LULC_COLOURS), vmin=-0.5, vmax=9.5, interpolation="nearest")
+    axes[2].set_title("thought (ESRI LULC)")
+    label_image(axes[3], thought_classes, "thought -> 5 classes")
+    axes[4].imshow(tokens, cmap="tab20", interpolation="nearest")
+    axes[4].set_title(f"token ids {tokens.shape[0]}x{tokens.shape[1]}")
+    for ax, (name, pred) in zip(axes[5:], predictions.items()):
+        label_image(ax, pred, name)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title)
+    esri = [matplotlib.patches.Patch(color=c, label=n) for n, c in zip(ESRI_LULC_CLASSES, ESRI_LULC_COLOURS)]
+    fig.legend(handles=legend_handles() + esri, loc="lower center", ncol=8, fontsize=7)
+    return fig

@@ -1,0 +1,187 @@
+"""Thinking-in-Modalities made visible: capture, decode and score the thoughts.
+
+terratorch's ``TerraMindTiM`` generates the thought tokens inside its forward
+and never returns them; its frozen generator stays random unless loaded
+through the pretrained path; and it builds the LULC tokenizer (~184 M
+parameters) with ``requires_grad=True`` although its forward never uses it.
+This module wraps those spots thinly instead of copying terratorch's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from nycdata.classes import IGNORE_INDEX
+
+PATCH_SIZE = 16
+
+# TerraMind's LULC modality follows the ESRI / Impact Observatory 10 m annual
+# land cover. The channel order is inferred from that product, not documented
+# by TerraMind: confirm on real weights before trusting plot labels.
+ESRI_LULC_CLASSES: tuple[str, ...] = (
+    "no data", "water", "trees", "flooded vegetation", "crops",
+    "built area", "bare ground", "snow/ice", "clouds", "rangeland",
+)
+ESRI_LULC_COLOURS: tuple[str, ...] = (
+    "#000000", "#1a5bab", "#358221", "#87d19e", "#ffdb5c",
+    "#ed022a", "#ede9e4", "#f2faff", "#c8c8c8", "#c6ad8d",
+)
+# ESRI class -> our class, following the WorldCover crosswalk of nycdata.classes:
+# flooded vegetation ~ herbaceous wetland -> water; crops and rangeland
+# (grass-dominated) -> herbaceous; snow/ice -> other; clouds and no data -> ignore.
+ESRI_TO_CLASS: dict[int, int] = {0: IGNORE_INDEX, 1: 0, 2: 2, 3: 0, 4: 3, 5: 1, 6: 4, 7: 4, 8: IGNORE_INDEX, 9: 3}
+
+
+def esri_to_class(lulc: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Map decoded ESRI LULC class maps (0..9) to our 5 classes (uint8, 255 = ignore)."""
+    lookup = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for esri, ours in ESRI_TO_CLASS.items():
+        lookup[esri] = ours
+    values = np.asarray(lulc.cpu() if isinstance(lulc, torch.Tensor) else lulc).astype(np.intp)
+    return lookup[values]
+
+
+def tim_backbone(model: torch.nn.Module):
+    """The ``TerraMindTiM`` inside a segmentation model, or None for a plain backbone."""
+    from terratorch.models.backbones.terramind.model.terramind_tim import TerraMindTiM
+
+    return next((m for m in model.modules() if isinstance(m, TerraMindTiM)), None)
+
+
+def freeze_unused_tokenizer(model: torch.nn.Module) -> int:
+    """Freeze the tokenizers TiM builds but never calls in forward; return how many parameters were frozen.
+
+    Left trainable they would sit in the optimizer (AdamW state for ~184 M
+    parameters) for nothing. They stay in the model for decoding thoughts.
+    """
+    backbone = tim_backbone(model)
+    if backbone is None:
+        return 0
+    frozen = 0
+    for param in backbone.tokenizer.parameters():
+        param.requires_grad_(False)
+        frozen += param.numel()
+    return frozen
+
+
+def generator_tensor_count(model: torch.nn.Module) -> int:
+    """Number of tensors of the frozen generator (``sampler.model.*``); 0 for a plain backbone."""
+    backbone = tim_backbone(model)
+    return 0 if backbone is None else len(backbone.sampler.model.state_dict())
+
+
+@dataclass
+class ThoughtCapture:
+    """Thought tokens of every TiM forward inside :func:`capture_thoughts`, in call order."""
+
+    domains: dict[str, str]  # TiM modality -> generator domain, e.g. LULC -> tok_lulc@224
+    calls: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+    def grid(self, modality: str, batch_size: int, call: int = -1) -> torch.Tensor:
+        """Token ids of one forward as ``[B, T, h/16, w/16]`` (the temporal wrapper folds T into the batch)."""
+        tokens = self.calls[call][self.domains[modality]]
+        side = int(round(tokens.shape[-1] ** 0.5))
+        return tokens.reshape(batch_size, -1, side, side)
+
+
+@contextlib.contextmanager
+def capture_thoughts(model: torch.nn.Module) -> Iterator[ThoughtCapture]:
+    """Record the thought tokens the TiM backbone generates, exactly as its encoder then reads them.
+
+    Wraps ``sampler.generate`` (the only place the tokens exist) and copies its
+    output; the model's computation and random draws are unchanged.
+    """
+    backbone = tim_backbone(model)
+    if backbone is None:
+        raise ValueError("this model has no TiM backbone, so it has no thoughts to capture")
+    domains = {m: backbone.mod_name_mapping[m] for m in backbone.tim_modalities}
+    capture = ThoughtCapture(domains)
+    original = backbone.sampler.generate
+
+    def generate_and_record(*args, **kwargs):
+        out = original(*args, **kwargs)
+        capture.calls.append({d: out[d]["tensor"].detach().clone() for d in domains.values()})
+        return out
+
+    backbone.sampler.generate = generate_and_record
+    try:
+        yield capture
+    finally:
+        del backbone.sampler.generate  # back to the class method
+
+
+@torch.no_grad()
+def decode_lulc(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Decode LULC thought tokens ``[B, T, h, w]`` to ESRI class maps ``[B, T, 16h, 16w]`` (argmax of 10 logits)."""
+    backbone = tim_backbone(model)
+    tokenizer = backbone.tokenizer[backbone.mod_name_mapping["LULC"]] if backbone is not None else None
+    if tokenizer is None:
+        raise ValueError("no LULC tokenizer in this model: decoding needs a TiM model that thinks LULC")
+    B, T, h, w = tokens.shape
+    logits = tokenizer.decode_tokens(tokens.reshape(B * T, h, w).to(next(tokenizer.parameters()).device))
+    return logits.argmax(1).reshape(B, T, h * PATCH_SIZE, w * PATCH_SIZE).cpu()
+
+
+def random_generator_warning(variant_name: str) -> str:
+    return (f"WARNING: variant {variant_name!r} thinks with a RANDOM generator (pretrained=false): its thoughts are noise, "
+            "and nothing about TiM can be concluded from this run. Use pretrained=true for the study.")
+
+
+def check_generator(params, variant) -> str | None:
+    """Refuse a TiM model whose generator would stay random, unless explicitly allowed; return a warning then."""
+    if not variant.is_tim or params["pretrained"]:
+        return None
+    if not params["allow_random_generator"]:
+        raise ValueError(
+            f"variant {variant.name!r} with pretrained=false would think with random generator weights. "
+            "Set pretrained=true (weights from the Hugging Face cache) or, for tests and the fixture only, "
+            "allow_random_generator=true."
+        )
+    message = random_generator_warning(variant.name)
+    warnings.warn(message, stacklevel=2)
+    return message
+
+
+@torch.no_grad()
+def thought_examples(task, loader, device: str = "cpu") -> dict:
+    """Run a LULC-thinking model over a loader; return its predictions, thought tokens and decoded thoughts.
+
+    Arrays are ``[N, ...]`` over all chips: ``tokens [N, T, h, w]``, ``esri [N, T, H, W]`` (decoded thought),
+    ``thought_classes`` (ESRI -> our classes), ``pred [N, H, W]``, ``truth [N, H, W]``, ``chip_ids``.
+    """
+    task.model.eval().to(device)
+    parts: dict[str, list] = {"tokens": [], "esri": [], "pred": [], "truth": [], "chip_ids": []}
+    for batch in loader:
+        image = {m: x.to(device) for m, x in batch["image"].items()}
+        with capture_thoughts(task.model) as capture:
+            logits = task.model(image).output
+        tokens = capture.grid("LULC", len(batch["filename"]))
+        parts["tokens"].append(tokens.cpu())
+        parts["esri"].append(decode_lulc(task.model, tokens))
+        parts["pred"].append(logits.argmax(1).cpu())
+        parts["truth"].append(batch["mask"])
+        parts["chip_ids"].extend(batch["filename"])
+    out = {k: (torch.cat(v).numpy() if k != "chip_ids" else v) for k, v in parts.items()}
+    out["thought_classes"] = esri_to_class(out["esri"])
+    return out
+
+
+def thought_agreement(thought_classes: np.ndarray, truth: np.ndarray) -> dict:
+    """How well the thought (in our classes) matches the ground truth, where both are defined.
+
+    ``thought_classes [N, T, H, W]`` is compared with ``truth [N, H, W]`` at every timestep.
+    """
+    from nycdata.metrics import confusion_matrix, metrics_from_confusion
+
+    truth_t = np.broadcast_to(truth[:, None], thought_classes.shape)
+    defined = thought_classes != IGNORE_INDEX
+    cm = confusion_matrix(np.where(defined, truth_t, IGNORE_INDEX), np.where(defined, thought_classes, 0))
+    metrics = metrics_from_confusion(cm)
+    return {"pixel_agreement": metrics["pixel_accuracy"], "miou": metrics["miou"], "iou": metrics["iou"],
+            "thought_undefined_fraction": float(1 - defined.mean()), "confusion": cm.tolist()}

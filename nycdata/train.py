@@ -1,0 +1,160 @@
+"""Fine-tuning one variant with one seed: terratorch's SemanticSegmentationTask under Lightning.
+
+A run writes into ``output_root/run_name/<variant>/seed<k>/``: ``checkpoints/``
+(``best.ckpt`` on val loss, ``last.ckpt``), ``metrics.csv`` (CSVLogger) and,
+only when training finished, ``train_summary.json``. An existing run folder
+is an error unless ``resume`` is true, which continues from ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Mapping
+
+import lightning.pytorch as pl
+import pandas as pd
+from terratorch.tasks import SemanticSegmentationTask
+
+from nycdata.classes import CLASS_NAMES, IGNORE_INDEX
+from nycdata.io import write_json
+from nycdata.params import resolve_path
+from nycdata.tim import check_generator, freeze_unused_tokenizer
+from nycdata.variants import Variant, get_variant, variant_model_args
+
+SUMMARY_FILE = "train_summary.json"
+METRICS_FILE = "metrics.csv"
+MONITOR = "val/loss"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python ``random`` (TiM draws its generation seed from it), numpy, torch and loader workers."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+
+class NYCSegmentationTask(SemanticSegmentationTask):
+    """terratorch's task, with frozen parameters kept out of the optimizer.
+
+    terratorch hands ``self.parameters()`` to the optimizer; TiM's frozen
+    generator and unused tokenizer would sit in its param groups.
+    """
+
+    def configure_optimizers(self):
+        from terratorch.tasks.optimizer_factory import optimizer_factory
+
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return optimizer_factory(self.hparams["optimizer"], self.hparams["lr"], trainable, self.hparams["optimizer_hparams"],
+                                 self.hparams["scheduler"], self.monitor, self.hparams["scheduler_hparams"])
+
+
+def task_kwargs(params: Mapping, variant: Variant) -> dict:
+    """Arguments of :class:`NYCSegmentationTask`: the original study's loss, optimiser and scheduler."""
+    return dict(
+        model_args=variant_model_args(params, variant), model_factory="EncoderDecoderFactory",
+        loss="ce", ignore_index=IGNORE_INDEX, class_names=list(CLASS_NAMES),
+        lr=float(params["lr"]), optimizer="AdamW", optimizer_hparams={"weight_decay": float(params["weight_decay"])},
+        scheduler="ReduceLROnPlateau",
+        scheduler_hparams={"factor": float(params["lr_factor"]), "patience": params["lr_patience"]},
+        freeze_backbone=False, plot_on_val=False,
+    )
+
+
+def build_task(params: Mapping, variant: Variant) -> NYCSegmentationTask:
+    check_generator(params, variant)
+    task = NYCSegmentationTask(**task_kwargs(params, variant))
+    freeze_unused_tokenizer(task.model)
+    return task
+
+
+class EpochLog(pl.Callback):
+    """One plain line per epoch, for headless runs (no progress-bar widgets)."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.emit, self.started = log, time.monotonic()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        self.emit(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: train/loss {m.get('train/loss', float('nan')):.4f} "
+                 f"val/loss {m.get('val/loss', float('nan')):.4f} val/mIoU {m.get('val/mIoU', float('nan')):.4f} "
+                 f"({time.monotonic() - self.started:.0f} s)")
+
+
+def seed_run_dir(params: Mapping, variant: str, seed: int) -> Path:
+    return resolve_path(params["output_root"]) / params["run_name"] / variant / f"seed{seed}"
+
+
+def make_trainer(params: Mapping, run_dir: Path, log: Callable[[str], None], callbacks=()) -> pl.Trainer:
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="min",
+                                 save_top_k=1, save_last=True)
+    stopper = EarlyStopping(monitor=MONITOR, mode="min", patience=params["early_stopping_patience"])
+    return pl.Trainer(
+        max_epochs=params["max_epochs"], accelerator=params["accelerator"], devices=params["devices"],
+        precision=params["precision"], logger=CSVLogger(save_dir=run_dir, name="", version=""),
+        callbacks=[checkpoint, stopper, EpochLog(log), *callbacks], enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=1, default_root_dir=run_dir,
+    )
+
+
+def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = None,
+              log: Callable[[str], None] = print, callbacks=()) -> dict:
+    """Fine-tune ``params['variant']``; return (and write) the train summary."""
+    from nycdata.data import NYCDataModule
+
+    variant = get_variant(params["variant"])
+    seed = params["seed"] if seed is None else seed
+    resume = params["resume"] if resume is None else resume
+    run_dir = seed_run_dir(params, variant.name, seed)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    _check_run_dir(run_dir, resume, last)
+    if (run_dir / SUMMARY_FILE).is_file():
+        log(f"{run_dir} already finished; nothing to resume")
+        return json.loads((run_dir / SUMMARY_FILE).read_text())
+    seed_everything(seed)
+    datamodule = NYCDataModule.from_params(params)
+    task = build_task({**params, "variant": variant.name}, variant)
+    trainer = make_trainer(params, run_dir, log, callbacks)
+    started = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|exists and is not empty).*")
+        trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
+    return _write_summary(run_dir, variant, seed, trainer, time.monotonic() - started)
+
+
+def _check_run_dir(run_dir: Path, resume: bool, last: Path) -> None:
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if not resume:
+        raise FileExistsError(f"run folder {run_dir} already exists; pass resume=true to continue it from "
+                              "checkpoints/last.ckpt, or choose another run_name")
+    if not last.is_file() and not (run_dir / SUMMARY_FILE).is_file():
+        raise FileNotFoundError(f"resume=true but {last} does not exist: the run stopped before its first epoch. "
+                                f"Delete {run_dir} and start again.")
+
+
+def _write_summary(run_dir: Path, variant: Variant, seed: int, trainer: pl.Trainer, seconds: float) -> dict:
+    epochs = read_epoch_metrics(run_dir)
+    best = epochs.loc[epochs[MONITOR].idxmin()]
+    summary = {
+        "variant": variant.name, "seed": seed, "epochs_run": int(epochs["epoch"].max()) + 1,
+        "max_epochs": trainer.max_epochs, "stopped_early": bool(trainer.should_stop and trainer.current_epoch < trainer.max_epochs),
+        "best_epoch": int(best["epoch"]), "best_val": {k: float(v) for k, v in best.items() if k.startswith("val/")},
+        "wall_time_s": seconds + _previous_wall_time(run_dir),
+        "best_checkpoint": "checkpoints/best.ckpt", "last_checkpoint": "checkpoints/last.ckpt",
+    }
+    write_json(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def _previous_wall_time(run_dir: Path) -> float:
+    return 0.0  # a resumed run reports the time of its last leg; see the issue note
+
+
+def read_epoch_metrics(run_dir: Path) -> pd.DataFrame:
+    """``metrics.csv`` folded to one row per epoch (Lightning logs train and val rows separately)."""
+    frame = pd.read_csv(Path(run_dir) / METRICS_FILE)
+    return frame.groupby("epoch", as_index=False).last().drop(columns=["step"], errors="ignore")

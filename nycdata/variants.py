@@ -1,0 +1,57 @@
+"""The variant table: which backbone, which inputs, which thoughts.
+
+One table used by params (``variant``), the notebooks and the CLI. TiM
+variants use ``terramind_v1_<size>_tim``: a frozen copy of TerraMind first
+generates ("thinks") tokens of the ``thoughts`` modalities from the inputs,
+and the fine-tuned encoder reads them next to the image tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from nycdata.chips import INPUT_MODALITIES
+from nycdata.model import model_args
+
+S1_INPUTS = ("S1RTC", "DEM")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    modalities: tuple[str, ...]
+    thoughts: tuple[str, ...]  # TiM modalities; empty for a plain backbone
+    description: str
+
+    @property
+    def is_tim(self) -> bool:
+        return bool(self.thoughts)
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("baseline", INPUT_MODALITIES, (), "S2L2A + S1RTC + DEM, plain TerraMind (the original Phase 2 model)"),
+    Variant("tim", INPUT_MODALITIES, ("LULC",), "same inputs, thinks LULC first (the original Phase 3 TiM model)"),
+    Variant("tim_ndvi", INPUT_MODALITIES, ("NDVI",), "same inputs, thinks NDVI: TiM without a self-referential LULC thought"),
+    Variant("baseline_s1", S1_INPUTS, (), "radar + DEM only, plain TerraMind"),
+    Variant("tim_s1", S1_INPUTS, ("LULC",), "radar + DEM only, thinks LULC: where TiM should help most"),
+)}
+
+# The comparison each TiM variant answers: (TiM variant, its baseline).
+COMPARISONS: tuple[tuple[str, str], ...] = (("tim", "baseline"), ("tim_ndvi", "baseline"), ("tim_s1", "baseline_s1"))
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"variant {name!r} unknown; valid variants: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def variant_model_args(params: Mapping, variant: Variant) -> dict:
+    """EncoderDecoderFactory ``model_args`` for one variant under ``params``."""
+    args = model_args(params["model_size"], variant.modalities, params["timesteps"], params["pretrained"],
+                      tim_modalities=variant.thoughts or None)
+    if variant.is_tim:
+        args.update(backbone_tim_decoding_steps=params["tim_decoding_steps"], backbone_tim_temps=float(params["tim_temperature"]),
+                    backbone_tim_top_p=float(params["tim_top_p"]), backbone_tim_top_k=params["tim_top_k"])
+    return args
