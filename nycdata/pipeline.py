@@ -1,12 +1,14 @@
 """The chain behind ``python -m nycdata run`` and ``make demo``.
 
-Today: prepare the dataset (generate the fixture when the params ask for it),
-validate it, and make one loading pass over every split, writing
-``data_check.json`` into the run folder ``output_root/run_name``.
+Prepare the dataset (generate the fixture when the params ask for it) and
+validate it, execute the notebooks with papermill into
+``output_root/run_name/notebooks/``, render each to ``html/`` and write
+``summary.md``. The same parameters reach every notebook.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Mapping
@@ -14,8 +16,6 @@ from typing import Callable, Mapping
 import yaml
 
 from nycdata import chips
-from nycdata.classes import CLASS_NAMES, IGNORE_INDEX
-from nycdata.io import replace_dir_atomically, write_json
 from nycdata.params import resolve_path
 
 
@@ -45,41 +45,66 @@ def prepare_dataset(params: Mapping, log: Callable[[str], None] = print, validat
     return data_root
 
 
-def loading_pass(params: Mapping, log: Callable[[str], None] = print) -> dict:
-    """Read every chip of every split once through the DataModule; summarise what came out."""
-    import torch
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
-    from nycdata.data import NYCDataModule
 
-    datamodule = NYCDataModule.from_params(params)
-    loaders = {"train": datamodule.train_dataloader(), "val": datamodule.val_dataloader(),
-               "test": datamodule.test_dataloader()}
-    summary = {}
-    for split, loader in loaders.items():
-        started, counts, n_chips, shapes = time.monotonic(), torch.zeros(256, dtype=torch.long), 0, {}
-        for batch in loader:
-            n_chips += len(batch["filename"])
-            counts += torch.bincount(batch["mask"].flatten(), minlength=256)
-            shapes = {m: list(x.shape[1:]) for m, x in batch["image"].items()}
-        seconds = time.monotonic() - started
-        summary[split] = {
-            "chips": n_chips, "chips_per_s": n_chips / max(seconds, 1e-9), "image_shapes_CTHW": shapes,
-            "class_pixels": {name: int(counts[i]) for i, name in enumerate(CLASS_NAMES)},
-            "ignore_pixels": int(counts[IGNORE_INDEX]),
-        }
-        log(f"loaded {split}: {n_chips} chips in {seconds:.1f} s")
-    return summary
+def notebook_steps(params: Mapping) -> list[tuple[str, dict]]:
+    """The chain: 01, 02, 03 once per variant, 04, and 05 when a LULC-thinking ``tim`` run is part of it."""
+    from nycdata.variants import get_variant
+
+    variants = [get_variant(v).name for v in params["variants"]]
+    steps = [("01_load_data", {}), ("02_smoke", {})]
+    steps += [("03_finetune", {"variant": v}) for v in variants]
+    steps.append(("04_evaluate", {}))
+    if "tim" in variants:
+        steps.append(("05_visualise_tim", {}))
+    return steps
+
+
+def execute_notebook(name: str, out_dir: Path, parameters: Mapping, suffix: str = "") -> Path:
+    """Execute ``notebooks/<name>.ipynb`` with papermill into ``out_dir``; return the executed copy."""
+    import papermill
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{name}{suffix}.ipynb"
+    papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out), parameters=dict(parameters),
+                               progress_bar=False, log_output=False, kernel_name="python3")
+    return out
+
+
+def render_html(notebook: Path, html_dir: Path) -> Path:
+    """Render an executed notebook to standalone HTML (images embedded), viewable without Jupyter."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    html_dir.mkdir(parents=True, exist_ok=True)
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    out = html_dir / f"{notebook.stem}.html"
+    out.write_text(body, encoding="utf-8")
+    return out
 
 
 def run_pipeline(params: Mapping, overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Run the chain into ``output_root/run_name``; an existing run folder is an error unless ``overwrite``."""
-    run_dir = resolve_path(params["output_root"]) / params["run_name"]
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"run folder {run_dir} already exists; choose another run_name or pass --overwrite")
-    data_root = prepare_dataset(params, log)
-    summary = loading_pass(params, log)
-    with replace_dir_atomically(run_dir, overwrite=True) as tmp:
-        (tmp / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=True))
-        write_json(tmp / "data_check.json", {"data_root": str(data_root), "splits": summary})
-    log(f"wrote {run_dir / 'data_check.json'}")
-    return run_dir
+    """Run every notebook of the chain for ``params`` into ``output_root/run_name``, then write ``summary.md``.
+
+    An existing run folder is an error unless ``overwrite``, which deletes it first.
+    """
+    from nycdata.report import write_summary
+
+    root = resolve_path(params["output_root"]) / params["run_name"]
+    steps = notebook_steps(params)  # unknown variants fail before anything runs
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"run folder {root} already exists; choose another run_name or pass --overwrite")
+        shutil.rmtree(root)
+    prepare_dataset(params, log)
+    html, started = [], time.monotonic()
+    for i, (name, extra) in enumerate(steps, start=1):
+        suffix = f"_{extra['variant']}" if "variant" in extra else ""
+        log(f"[{i}/{len(steps)}] {name}{suffix} ({time.monotonic() - started:.0f} s elapsed)")
+        executed = execute_notebook(name, root / "notebooks", {**params, **extra}, suffix)
+        html.append(render_html(executed, root / "html"))
+    (root / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=True))
+    summary = write_summary(root, dict(params), html)
+    log(f"wrote {summary}")
+    return root

@@ -26,6 +26,7 @@ from nycdata.variants import Variant, get_variant, variant_model_args
 
 SUMMARY_FILE = "train_summary.json"
 METRICS_FILE = "metrics.csv"
+WALL_TIME_FILE = "wall_time_s.txt"
 MONITOR = "val/loss"
 
 
@@ -81,20 +82,42 @@ class EpochLog(pl.Callback):
                  f"({time.monotonic() - self.started:.0f} s)")
 
 
+def _appending_csv_logger(run_dir: Path):
+    """Lightning's CSVLogger deletes an existing ``metrics.csv``; a resumed run must continue it instead."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                    self.metrics_keys = sorted(next(csv.reader(file), []))
+
+    class AppendingCSVLogger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._experiment = AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger(save_dir=run_dir, name="", version="")
+
+
 def seed_run_dir(params: Mapping, variant: str, seed: int) -> Path:
     return resolve_path(params["output_root"]) / params["run_name"] / variant / f"seed{seed}"
 
 
 def make_trainer(params: Mapping, run_dir: Path, log: Callable[[str], None], callbacks=()) -> pl.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
 
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="min",
                                  save_top_k=1, save_last=True)
     stopper = EarlyStopping(monitor=MONITOR, mode="min", patience=params["early_stopping_patience"])
     return pl.Trainer(
         max_epochs=params["max_epochs"], accelerator=params["accelerator"], devices=params["devices"],
-        precision=params["precision"], logger=CSVLogger(save_dir=run_dir, name="", version=""),
+        precision=params["precision"], logger=_appending_csv_logger(run_dir),
         callbacks=[checkpoint, stopper, EpochLog(log), *callbacks], enable_progress_bar=False,
         enable_model_summary=False, log_every_n_steps=1, default_root_dir=run_dir,
     )
@@ -119,10 +142,13 @@ def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = No
     task = build_task({**params, "variant": variant.name}, variant)
     trainer = make_trainer(params, run_dir, log, callbacks)
     started = time.monotonic()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(does not have many workers|exists and is not empty).*")
-        trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
-    return _write_summary(run_dir, variant, seed, trainer, time.monotonic() - started)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
+    finally:  # an interrupted leg still counts towards the run's wall time
+        _add_wall_time(run_dir, time.monotonic() - started)
+    return _write_summary(run_dir, variant, seed, trainer)
 
 
 def _check_run_dir(run_dir: Path, resume: bool, last: Path) -> None:
@@ -136,22 +162,27 @@ def _check_run_dir(run_dir: Path, resume: bool, last: Path) -> None:
                                 f"Delete {run_dir} and start again.")
 
 
-def _write_summary(run_dir: Path, variant: Variant, seed: int, trainer: pl.Trainer, seconds: float) -> dict:
+def _write_summary(run_dir: Path, variant: Variant, seed: int, trainer: pl.Trainer) -> dict:
     epochs = read_epoch_metrics(run_dir)
     best = epochs.loc[epochs[MONITOR].idxmin()]
     summary = {
         "variant": variant.name, "seed": seed, "epochs_run": int(epochs["epoch"].max()) + 1,
         "max_epochs": trainer.max_epochs, "stopped_early": bool(trainer.should_stop and trainer.current_epoch < trainer.max_epochs),
         "best_epoch": int(best["epoch"]), "best_val": {k: float(v) for k, v in best.items() if k.startswith("val/")},
-        "wall_time_s": seconds + _previous_wall_time(run_dir),
+        "wall_time_s": _add_wall_time(run_dir, 0.0),
         "best_checkpoint": "checkpoints/best.ckpt", "last_checkpoint": "checkpoints/last.ckpt",
     }
     write_json(run_dir / SUMMARY_FILE, summary)
     return summary
 
 
-def _previous_wall_time(run_dir: Path) -> float:
-    return 0.0  # a resumed run reports the time of its last leg; see the issue note
+def _add_wall_time(run_dir: Path, seconds: float) -> float:
+    """Add one training leg's seconds to ``wall_time_s.txt``; return the total over all legs."""
+    path = run_dir / WALL_TIME_FILE
+    total = (float(path.read_text()) if path.is_file() else 0.0) + seconds
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{total:.3f}\n")
+    return total
 
 
 def read_epoch_metrics(run_dir: Path) -> pd.DataFrame:

@@ -41,11 +41,12 @@ def test_mistyped_values_fail(key, value):
         load_params(overrides={key: value})
 
 
-def test_int_is_accepted_for_a_float_parameter(tmp_path):
-    # no float parameter exists yet in nyc.yaml; the rule is checked through the helper
-    from nycdata.params import _same_kind
-
-    assert _same_kind(1.0e-5, 1) and not _same_kind(1, 1.5) and not _same_kind(True, 1)
+def test_int_is_accepted_for_a_float_parameter_but_not_the_reverse():
+    assert load_params(overrides={"lr": 1})["lr"] == 1
+    with pytest.raises(ParamError, match="max_epochs"):
+        load_params(overrides={"max_epochs": 1.5})
+    with pytest.raises(ParamError, match="resume"):
+        load_params(overrides={"resume": 1})
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

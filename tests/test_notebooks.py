@@ -1,0 +1,136 @@
+"""Every notebook executed once with papermill on a fresh fixture (through `python -m nycdata run`), from another cwd.
+
+The chain runs once per session (about two minutes on 2 cores); each test then checks one notebook's files.
+"""
+
+import json
+import os
+
+import nbformat
+import pytest
+import yaml
+
+from nycdata.metrics import gate
+from nycdata.params import PARAMS_DIR, defaults, load_params
+from nycdata.pipeline import NOTEBOOK_DIR, execute_notebook, run_pipeline
+
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+CHIPS, SIZE, T = 9, 32, 2
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("chain")
+    params = load_params(PARAMS_DIR / "fixture.yaml", overrides={
+        "output_root": str(base / "outputs"), "data_root": str(base / "data"), "run_name": "nb",
+        "fixture_chips": CHIPS, "fixture_size": SIZE})
+    cwd = os.getcwd()
+    os.chdir(base)  # paths come from parameters, never from the working directory
+    try:
+        root = run_pipeline(params, log=lambda message: None)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def test_committed_notebooks_are_clean_and_have_one_parameters_cell():
+    assert len(NOTEBOOKS) >= 5
+    nyc = defaults()
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
+        tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: {len(tagged)} parameters cells"
+        assert not any("!pip" in c.source or c.source.lstrip().startswith("%") or "sys.path" in c.source for c in code)
+        namespace = {}
+        exec(tagged[0].source, namespace)  # plain literals only
+        values = {k: v for k, v in namespace.items() if not k.startswith("__")}
+        assert values and {k: nyc[k] for k in values} == values, f"{path.name}: defaults differ from params/nyc.yaml"
+        assert nb.cells[0].cell_type == "markdown" and "Writes" in nb.cells[0].source
+
+
+def test_01_data_summary(run):
+    summary = _json(run / "data_summary.json")
+    assert summary["n_chips"] == CHIPS and summary["chip_size"] == SIZE and summary["timesteps"] == T
+    assert sum(s["chips"] for s in summary["splits"].values()) == CHIPS
+    assert all(s["chips"] > 0 for s in summary["splits"].values())
+    for fractions in summary["class_fraction"].values():
+        assert sum(fractions.values()) == pytest.approx(1.0, abs=1e-4)
+    west, south, east, north = summary["bounds_lonlat"]
+    assert -74.30 <= west < east <= -73.65 and 40.45 <= south < north <= 40.95
+
+
+def test_02_smoke(run):
+    smoke = _json(run / "smoke.json")
+    assert smoke["batch_shapes"]["S2L2A"][1:] == [12, T, SIZE, SIZE]
+    tim = smoke["tim"]
+    assert tim["thought_tokens_shape"][1:] == [T, SIZE // 16, SIZE // 16]
+    assert tim["generator_tensors"] > 100 and tim["generator_loaded"] is False and "RANDOM" in tim["warning"]
+    tokenizer = tim["parameters"]["tim tokenizer (unused in forward)"]
+    assert tokenizer["trainable"] == 0 and tokenizer["frozen"] > 1e8
+    assert tim["parameters"]["tim generator (frozen copy)"]["trainable"] == 0
+    for variant in ("baseline", "tim"):
+        assert smoke[variant]["logits_shape"][1:] == [5, SIZE, SIZE] and smoke[variant]["forward_s"] > 0
+
+
+@pytest.mark.parametrize("variant", ["baseline", "tim"])
+def test_03_finetune(run, variant):
+    seed_dir = run / variant / "seed42"
+    summary = _json(seed_dir / "train_summary.json")
+    assert summary["variant"] == variant and summary["epochs_run"] == 2 and summary["best_epoch"] in (0, 1)
+    assert 0 <= summary["best_val"]["val/mIoU"] <= 1 and summary["wall_time_s"] > 0
+    assert (seed_dir / "checkpoints" / "best.ckpt").is_file() and (seed_dir / "checkpoints" / "last.ckpt").is_file()
+    epochs = [line.split(",")[0] for line in (seed_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert set(epochs) == {"0", "1"}
+
+
+def test_04_evaluate(run):
+    comparison = _json(run / "comparison.json")["tim_vs_baseline"]
+    assert comparison["n_seeds"] == 1 and comparison["n_test_chips"] > 0
+    assert {k: comparison[k] for k in ("verdict", "publish")} == gate(comparison["delta_miou_pp"])
+    assert comparison["delta_miou_pp"] == pytest.approx((comparison["tim_miou"] - comparison["baseline_miou"]) * 100)
+    for variant in ("baseline", "tim"):
+        metrics = _json(run / variant / "seed42" / "test_metrics.json")
+        assert 0 <= metrics["miou"] <= 1 and metrics["n_test_chips"] == comparison["n_test_chips"]
+    per_chip = (run / "per_chip.csv").read_text().splitlines()
+    assert per_chip[0].startswith("chip_id,parent_id,variant,seed,cm_0_0")
+    assert len(per_chip) - 1 == 2 * comparison["n_test_chips"]
+
+
+def test_05_thoughts(run):
+    thoughts = _json(run / "thoughts.json")
+    assert thoughts["generator"] == "random" and thoughts["meaningful"] is False
+    n = _json(run / "comparison.json")["tim_vs_baseline"]["n_test_chips"]
+    assert thoughts["tokens_shape"] == [n, T, SIZE // 16, SIZE // 16]
+    assert 0 <= thoughts["pixel_agreement"] <= 1 and len(thoughts["confusion"]) == 5
+    assert "meaningless" in (run / "html" / "05_visualise_tim.html").read_text()
+
+
+def test_chain_writes_html_and_summary(run):
+    html = sorted(p.name for p in (run / "html").glob("*.html"))
+    assert html == ["01_load_data.html", "02_smoke.html", "03_finetune_baseline.html", "03_finetune_tim.html",
+                    "04_evaluate.html", "05_visualise_tim.html"]
+    summary = (run / "summary.md").read_text()
+    assert "| tim_vs_baseline | 1 |" in summary and "html/04_evaluate.html" in summary
+    assert yaml.safe_load((run / "params.yaml").read_text())["run_name"] == "nb"
+    executed = nbformat.read(run / "notebooks" / "01_load_data.ipynb", as_version=4)
+    assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
+
+
+def test_second_run_into_same_folder_fails(run):
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    with pytest.raises(FileExistsError, match="already exists"):
+        run_pipeline(params, log=lambda message: None)
+
+
+def test_misspelt_parameter_fails_loudly(run, tmp_path):
+    import papermill
+
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    with pytest.raises(papermill.PapermillExecutionError, match="did you mean 'variant'"):
+        execute_notebook("03_finetune", tmp_path, {**params, "varaint": "tim"})
