@@ -1,4 +1,4 @@
-"""Command line: ``python -m nycdata {fixture,validate,run} ...`` (``--help`` on each)."""
+"""Command line: ``python -m nycdata {fixture,validate,run,export-config,download-weights} ...`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -44,13 +44,40 @@ def _parse_overrides(pairs: list[list[str]] | None) -> dict:
 
 def cmd_run(args) -> int:
     from nycdata.pipeline import run_pipeline
-    from nycdata.params import load_params
 
-    params = load_params(*args.params_file, overrides=_parse_overrides(args.param))
+    params = _params(args)
     started = time.monotonic()
     run_dir = run_pipeline(params, overwrite=args.overwrite, log=_log)
     _log(f"run: finished in {time.monotonic() - started:.0f} s; outputs in {run_dir}")
     return 0
+
+
+def _params(args):
+    from nycdata.params import load_params
+
+    return load_params(*args.params_file, overrides=_parse_overrides(args.param))
+
+
+def cmd_export_config(args) -> int:
+    from nycdata.export import config_yaml
+
+    sys.stdout.write(config_yaml(_params(args)))
+    return 0
+
+
+def cmd_download_weights(args) -> int:
+    from nycdata import weights
+    from nycdata.variants import get_variant
+
+    params = _params(args)
+    for path in weights.download(params, get_variant(params["variant"])):
+        _log(f"cached {path}")
+    return 0
+
+
+def _add_params_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--params-file", action="append", default=[], help="params YAML (repeatable; later wins)")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), help="override one parameter")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,11 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("run", help="run the pipeline for a params file into output_root/run_name")
-    p.add_argument("-f", "--params-file", action="append", default=[], help="params YAML (repeatable; later wins)")
-    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), help="override one parameter")
+    p = sub.add_parser("run", help="run the notebook chain for a params file into output_root/run_name")
+    _add_params_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder instead of failing")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export-config", help="print a LightningCLI config for `terratorch fit --config`")
+    _add_params_options(p)
+    p.set_defaults(func=cmd_export_config)
+
+    p = sub.add_parser("download-weights", help="fetch the TerraMind files a variant needs into the Hugging Face cache")
+    _add_params_options(p)
+    p.set_defaults(func=cmd_download_weights)
     return parser
 
 
@@ -82,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -77,12 +77,27 @@ def predict_maps(task, loader, device: str = "cpu") -> np.ndarray:
 
 
 def test_run(run: FinishedRun, params: Mapping, datamodule, device: str = "cpu") -> pd.DataFrame:
-    """Test one finished run; write its ``test_metrics.json``; return its per-chip rows."""
-    seed_everything(run.seed)  # TiM samples its thought: fixed seed, reproducible test numbers
-    names, matrices = predict_confusions(load_task(run, device), datamodule.test_dataloader(), device)
-    metrics = metrics_from_confusion(matrices.sum(0))
-    write_json(run.path / TEST_METRICS_FILE, {"variant": run.variant, "seed": run.seed, "n_test_chips": len(names),
-                                              **metrics, "confusion": matrices.sum(0).tolist()})
+    """Test one finished run; write its ``test_metrics.json``; return its per-chip rows.
+
+    A TiM model samples its thought: it is tested ``thought_samples`` times (seeds ``seed``, ``seed+1``, ...);
+    per-chip matrices pool all samples and ``test_metrics.json`` reports the mIoU of each and their spread.
+    """
+    from nycdata.variants import get_variant
+
+    samples = params["thought_samples"] if get_variant(run.variant).is_tim else 1
+    if samples < 1:
+        raise ValueError(f"thought_samples={samples}: must be at least 1")
+    task, per_sample = load_task(run, device), []
+    for k in range(samples):
+        seed_everything(run.seed + k)  # fixed seeds: reproducible test numbers
+        names, matrices = predict_confusions(task, datamodule.test_dataloader(), device)
+        per_sample.append(matrices)
+    matrices = np.sum(per_sample, axis=0)
+    sample_miou = [metrics_from_confusion(m.sum(0))["miou"] for m in per_sample]
+    write_json(run.path / TEST_METRICS_FILE, {
+        "variant": run.variant, "seed": run.seed, "n_test_chips": len(names), **metrics_from_confusion(matrices.sum(0)),
+        "confusion": matrices.sum(0).tolist(), "thought_samples": samples, "miou_per_thought_sample": sample_miou,
+        "thought_spread_pp": float(np.std(sample_miou, ddof=1) * 100) if samples > 1 else 0.0})
     rows = pd.DataFrame(matrices.reshape(len(names), -1), columns=CM_COLUMNS)
     rows.insert(0, "chip_id", names)
     rows.insert(1, "variant", run.variant)

@@ -135,8 +135,8 @@ def random_generator_warning(variant_name: str) -> str:
 
 def check_generator(params, variant) -> str | None:
     """Refuse a TiM model whose generator would stay random, unless explicitly allowed; return a warning then."""
-    if not variant.is_tim or params["pretrained"]:
-        return None
+    if not variant.is_tim or params["pretrained"] or params["backbone_ckpt_path"]:
+        return None  # weights come from a file: build_task verifies them
     if not params["allow_random_generator"]:
         raise ValueError(
             f"variant {variant.name!r} with pretrained=false would think with random generator weights. "

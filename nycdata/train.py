@@ -21,7 +21,7 @@ from terratorch.tasks import SemanticSegmentationTask
 from nycdata.classes import CLASS_NAMES, IGNORE_INDEX
 from nycdata.io import write_json
 from nycdata.params import resolve_path
-from nycdata.tim import check_generator, freeze_unused_tokenizer
+from nycdata.tim import check_generator, freeze_unused_tokenizer, generator_tensor_count, tim_backbone
 from nycdata.variants import Variant, get_variant, variant_model_args
 
 SUMMARY_FILE = "train_summary.json"
@@ -36,11 +36,26 @@ def seed_everything(seed: int) -> None:
 
 
 class NYCSegmentationTask(SemanticSegmentationTask):
-    """terratorch's task, with frozen parameters kept out of the optimizer.
+    """terratorch's task, with TiM's unused tokenizer frozen, kept out of the optimizer and out of checkpoints.
 
-    terratorch hands ``self.parameters()`` to the optimizer; TiM's frozen
-    generator and unused tokenizer would sit in its param groups.
+    terratorch hands ``self.parameters()`` to the optimizer, so TiM's frozen
+    generator and its tokenizer (~184 M parameters) would sit in its param groups.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        freeze_unused_tokenizer(self.model)  # here, so the terratorch CLI path freezes it too
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave TiM's tokenizer out: never trained, never used in forward, rebuilt when the task is built."""
+        if tim_backbone(self.model) is not None:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".tokenizer." not in k}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        own = self.state_dict()
+        for key in own:
+            if ".tokenizer." in key:
+                checkpoint["state_dict"].setdefault(key, own[key])
 
     def configure_optimizers(self):
         from terratorch.tasks.optimizer_factory import optimizer_factory
@@ -63,9 +78,26 @@ def task_kwargs(params: Mapping, variant: Variant) -> dict:
 
 
 def build_task(params: Mapping, variant: Variant) -> NYCSegmentationTask:
-    check_generator(params, variant)
-    task = NYCSegmentationTask(**task_kwargs(params, variant))
-    freeze_unused_tokenizer(task.model)
+    """Build the task; for TiM, prove the generator holds TerraMind's weights (or was explicitly allowed not to).
+
+    ``task.generator_report`` says what was checked: ``{"tensors", "verified", "source"}`` (None for a plain backbone).
+    """
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    from nycdata import weights
+
+    weights.use_cache_dir(params)
+    random_warning = check_generator(params, variant)
+    try:
+        task = NYCSegmentationTask(**task_kwargs(params, variant))
+        source = weights.generator_source(params) if variant.is_tim else None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as err:
+        raise weights.offline_error(params, variant, err) from err
+    task.generator_report = None
+    if variant.is_tim:
+        verified = weights.verify_generator(task.model, source) if source else 0
+        task.generator_report = {"tensors": generator_tensor_count(task.model), "verified": verified,
+                                 "source": source or "random initialisation", "warning": random_warning}
     return task
 
 

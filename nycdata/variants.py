@@ -51,6 +51,8 @@ def variant_model_args(params: Mapping, variant: Variant) -> dict:
     """EncoderDecoderFactory ``model_args`` for one variant under ``params``."""
     args = model_args(params["model_size"], variant.modalities, params["timesteps"], params["pretrained"],
                       tim_modalities=variant.thoughts or None)
+    if params["backbone_ckpt_path"]:
+        args["backbone_ckpt_path"] = str(params["backbone_ckpt_path"])
     if variant.is_tim:
         args.update(backbone_tim_decoding_steps=params["tim_decoding_steps"], backbone_tim_temps=float(params["tim_temperature"]),
                     backbone_tim_top_p=float(params["tim_top_p"]), backbone_tim_top_k=params["tim_top_k"])

@@ -70,7 +70,8 @@ def test_02_smoke(run):
     assert smoke["batch_shapes"]["S2L2A"][1:] == [12, T, SIZE, SIZE]
     tim = smoke["tim"]
     assert tim["thought_tokens_shape"][1:] == [T, SIZE // 16, SIZE // 16]
-    assert tim["generator_tensors"] > 100 and tim["generator_loaded"] is False and "RANDOM" in tim["warning"]
+    generator = tim["generator"]
+    assert generator["tensors"] > 100 and generator["verified"] == 0 and "RANDOM" in generator["warning"]
     tokenizer = tim["parameters"]["tim tokenizer (unused in forward)"]
     assert tokenizer["trainable"] == 0 and tokenizer["frozen"] > 1e8
     assert tim["parameters"]["tim generator (frozen copy)"]["trainable"] == 0

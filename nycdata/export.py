@@ -1,0 +1,50 @@
+"""A LightningCLI config equivalent to what notebook 03 trains, for ``terratorch fit/test --config``.
+
+The seed's reproduction path: ``terratorch fit --config config.yaml`` and
+``terratorch test --config config.yaml --ckpt_path ...``. The config names
+nycdata's DataModule and task classes, so the same data, model, loss,
+optimiser, scheduler and callbacks are used. (The TiM generator-weight check
+of ``nycdata.train.build_task`` does not run on this path.)
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import yaml
+
+from nycdata.params import resolve_path
+from nycdata.train import MONITOR, seed_run_dir, task_kwargs
+from nycdata.variants import get_variant
+
+
+def lightning_config(params: Mapping) -> dict:
+    variant = get_variant(params["variant"])
+    run_dir = str(seed_run_dir(params, variant.name, params["seed"])) + "-cli"
+    return {
+        "seed_everything": params["seed"],
+        "trainer": {
+            "accelerator": params["accelerator"], "devices": params["devices"], "precision": params["precision"],
+            "max_epochs": params["max_epochs"], "default_root_dir": run_dir, "log_every_n_steps": 1,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": run_dir, "name": "", "version": ""}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": f"{run_dir}/checkpoints", "filename": "best", "monitor": MONITOR,
+                               "mode": "min", "save_top_k": 1, "save_last": True}},
+                {"class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                 "init_args": {"monitor": MONITOR, "mode": "min", "patience": params["early_stopping_patience"]}},
+            ],
+        },
+        "data": {"class_path": "nycdata.data.NYCDataModule", "init_args": {
+            "data_root": str(resolve_path(params["data_root"])), "modalities": list(variant.modalities),
+            "batch_size": params["batch_size"], "num_workers": params["num_workers"], "augment": params["augment"],
+            "normalization": params["normalization"]}},
+        "model": {"class_path": "nycdata.train.NYCSegmentationTask", "init_args": task_kwargs(params, variant)},
+    }
+
+
+def config_yaml(params: Mapping) -> str:
+    header = (f"# terratorch fit --config <this file>   (variant {params['variant']}, seed {params['seed']})\n"
+              "# written by `python -m nycdata export-config`; equivalent to notebooks/03_finetune.ipynb\n")
+    return header + yaml.safe_dump(lightning_config(params), sort_keys=False)

@@ -1,0 +1,43 @@
+"""`python -m nycdata export-config` writes a config `terratorch fit` accepts, equivalent to notebook 03."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nycdata.__main__ import main
+from nycdata.fixture import FixtureConfig, make_fixture
+from nycdata.params import PARAMS_DIR, load_params
+from nycdata.train import task_kwargs
+from nycdata.variants import get_variant
+
+TERRATORCH = Path(sys.executable).with_name("terratorch")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_fixture(tmp_path_factory.mktemp("cli") / "fx", FixtureConfig(chips=9, size=32, timesteps=2, seed=2))
+
+
+def _export(tmp_path, data_dir, variant, capsys):
+    args = ["export-config", "-f", str(PARAMS_DIR / "fixture.yaml"), "-p", "variant", variant,
+            "-p", "data_root", str(data_dir), "-p", "output_root", str(tmp_path / "out")]
+    assert main(args) == 0
+    path = tmp_path / f"{variant}.yaml"
+    path.write_text(capsys.readouterr().out)
+    return path
+
+
+@pytest.mark.parametrize("variant", ["baseline", "tim"])
+def test_terratorch_fit_accepts_the_exported_config(tmp_path, data_dir, variant, capsys):
+    config = _export(tmp_path, data_dir, variant, capsys)
+    exported = yaml.safe_load(config.read_text())
+    params = load_params(PARAMS_DIR / "fixture.yaml", overrides={"variant": variant, "data_root": str(data_dir)})
+    assert exported["model"]["init_args"] == task_kwargs(params, get_variant(variant)), "same task as notebook 03"
+    assert exported["data"]["init_args"]["modalities"] == list(get_variant(variant).modalities)
+    result = subprocess.run([str(TERRATORCH), "fit", "--config", str(config), "--trainer.fast_dev_run=true",
+                             "--trainer.enable_progress_bar=false"], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_steps=1" in result.stdout + result.stderr
