@@ -56,8 +56,9 @@ class ChipDataset(Dataset):
     """One split of a chip dataset. Holds only paths and plain records, so it pickles to spawned workers."""
 
     def __init__(self, data_root: str | Path, split: str, modalities: Sequence[str] = chips.INPUT_MODALITIES,
-                 augment: str = "none", normalization: str = "terramind_v1"):
+                 augment: str = "none", normalization: str = "terramind_v1", generated_root: str | Path | None = None):
         self.data_root = Path(data_root)
+        self.generated_root = Path(generated_root) if generated_root else None  # LULC made by nycdata.generated
         self.spec = chips.DatasetSpec.read(self.data_root)
         missing = [m for m in modalities if m not in self.spec.modalities]
         if missing:
@@ -82,6 +83,10 @@ class ChipDataset(Dataset):
         record = self.records[i]
         arrays = read_chip(self.data_root, self.spec, record, (*self.modalities, self.spec.label))
         image = {m: self._to_tensor(m, arrays[m]) for m in self.modalities}
+        if self.generated_root is not None:
+            from nycdata.generated import read_generated
+
+            image["LULC"] = read_generated(self.generated_root, record["chip_id"], self.spec.timesteps)
         mask = torch.from_numpy(arrays[self.spec.label][0].astype(np.int64))
         if self.augment == "d4":
             k = int(torch.randint(D4_TRANSFORMS, (1,)))
@@ -118,7 +123,7 @@ class NYCDataModule(pl.LightningDataModule):
 
     def __init__(self, data_root: str, modalities: Sequence[str] = chips.INPUT_MODALITIES, batch_size: int = 8,
                  num_workers: int = 0, augment: str = "d4", normalization: str = "terramind_v1",
-                 pin_memory: bool = False, multiprocessing_context: str | None = None):
+                 pin_memory: bool = False, multiprocessing_context: str | None = None, generated_root: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.datasets: dict[str, ChipDataset] = {}
@@ -140,7 +145,8 @@ class NYCDataModule(pl.LightningDataModule):
         for split in chips.SPLITS:
             if split not in self.datasets:
                 augment = hp.augment if split == "train" else "none"
-                self.datasets[split] = ChipDataset(hp.data_root, split, hp.modalities, augment, hp.normalization)
+                self.datasets[split] = ChipDataset(hp.data_root, split, hp.modalities, augment, hp.normalization,
+                                                   hp.generated_root)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()

@@ -21,8 +21,8 @@ from nycdata.classes import CLASS_NAMES, NUM_CLASSES
 from nycdata.io import write_json
 from nycdata.metrics import gate, metrics_from_confusion, per_chip_confusion
 from nycdata.params import resolve_path
-from nycdata.train import SUMMARY_FILE, NYCSegmentationTask, seed_everything
-from nycdata.variants import COMPARISONS
+from nycdata.train import SUMMARY_FILE, NYCSegmentationTask, seed_everything, variant_datamodule
+from nycdata.variants import COMPARISONS, get_variant
 
 TEST_METRICS_FILE = "test_metrics.json"
 PER_CHIP_FILE = "per_chip.csv"
@@ -82,8 +82,6 @@ def test_run(run: FinishedRun, params: Mapping, datamodule, device: str = "cpu")
     A TiM model samples its thought: it is tested ``thought_samples`` times (seeds ``seed``, ``seed+1``, ...);
     per-chip matrices pool all samples and ``test_metrics.json`` reports the mIoU of each and their spread.
     """
-    from nycdata.variants import get_variant
-
     samples = params["thought_samples"] if get_variant(run.variant).is_tim else 1
     if samples < 1:
         raise ValueError(f"thought_samples={samples}: must be at least 1")
@@ -107,8 +105,6 @@ def test_run(run: FinishedRun, params: Mapping, datamodule, device: str = "cpu")
 
 def test_all(params: Mapping, log: Callable[[str], None] = print, device: str = "cpu") -> pd.DataFrame:
     """Test every finished run of ``params``' run folder; write ``per_chip.csv``; return it."""
-    from nycdata.data import NYCDataModule
-
     root = run_root(params)
     runs = finished_runs(root)
     if not runs:
@@ -116,19 +112,13 @@ def test_all(params: Mapping, log: Callable[[str], None] = print, device: str = 
     index = chips.read_index(resolve_path(params["data_root"]))[["chip_id", "parent_id"]]
     frames = []
     for run in runs:
-        datamodule = NYCDataModule.from_params({**params, "modalities": list(_run_modalities(run))})
+        datamodule = variant_datamodule(params, get_variant(run.variant), log)
         frames.append(test_run(run, params, datamodule, device))
         log(f"tested {run.variant}/seed{run.seed}")
     per_chip = pd.concat(frames).merge(index, on="chip_id", how="left")
     per_chip = per_chip[["chip_id", "parent_id", "variant", "seed", *CM_COLUMNS]]
     per_chip.to_csv(root / PER_CHIP_FILE, index=False)
     return per_chip
-
-
-def _run_modalities(run: FinishedRun) -> tuple[str, ...]:
-    from nycdata.variants import get_variant
-
-    return get_variant(run.variant).modalities
 
 
 def variant_metrics(per_chip: pd.DataFrame) -> pd.DataFrame:

@@ -39,9 +39,16 @@ def lightning_config(params: Mapping) -> dict:
         "data": {"class_path": "nycdata.data.NYCDataModule", "init_args": {
             "data_root": str(resolve_path(params["data_root"])), "modalities": list(variant.modalities),
             "batch_size": params["batch_size"], "num_workers": params["num_workers"], "augment": params["augment"],
-            "normalization": params["normalization"]}},
+            "normalization": params["normalization"], **_generated_input(params, variant)}},
         "model": {"class_path": "nycdata.train.NYCSegmentationTask", "init_args": task_kwargs(params, variant)},
     }
+
+
+def _generated_input(params: Mapping, variant) -> dict:
+    """tim_input reads LULC that `python -m nycdata run` (or notebook 03) generated into the run folder."""
+    from nycdata.generated import generated_root
+
+    return {"generated_root": str(generated_root(params))} if variant.generated else {}
 
 
 def config_yaml(params: Mapping) -> str:

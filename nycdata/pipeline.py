@@ -63,8 +63,13 @@ def notebook_steps(params: Mapping) -> list[tuple[str, dict]]:
 
 def execute_notebook(name: str, out_dir: Path, parameters: Mapping, suffix: str = "") -> Path:
     """Execute ``notebooks/<name>.ipynb`` with papermill into ``out_dir``; return the executed copy."""
+    import logging
+
     import papermill
 
+    # every notebook gets the whole (already checked) parameter set; papermill would warn about each name a
+    # notebook's parameters cell does not list, although nycdata.notebook accepts every known parameter
+    logging.getLogger("papermill").setLevel(logging.ERROR)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}{suffix}.ipynb"
     papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out), parameters=dict(parameters),

@@ -129,13 +129,13 @@ def decode_lulc(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def random_generator_warning(variant_name: str) -> str:
-    return (f"WARNING: variant {variant_name!r} thinks with a RANDOM generator (pretrained=false): its thoughts are noise, "
-            "and nothing about TiM can be concluded from this run. Use pretrained=true for the study.")
+    return (f"WARNING: variant {variant_name!r} thinks with a RANDOM generator (pretrained=false): its thoughts (or generated "
+            "inputs) are noise, and nothing about TiM can be concluded from this run. Use pretrained=true for the study.")
 
 
 def check_generator(params, variant) -> str | None:
     """Refuse a TiM model whose generator would stay random, unless explicitly allowed; return a warning then."""
-    if not variant.is_tim or params["pretrained"] or params["backbone_ckpt_path"]:
+    if not variant.uses_generator or params["pretrained"] or params["backbone_ckpt_path"]:
         return None  # weights come from a file: build_task verifies them
     if not params["allow_random_generator"]:
         raise ValueError(

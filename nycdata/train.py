@@ -94,7 +94,7 @@ def build_task(params: Mapping, variant: Variant) -> NYCSegmentationTask:
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as err:
         raise weights.offline_error(params, variant, err) from err
     task.generator_report = None
-    if variant.is_tim:
+    if variant.is_tim:  # tim_input's generator is separate: nycdata.generated checks pretrained/allow flags
         verified = weights.verify_generator(task.model, source) if source else 0
         task.generator_report = {"tensors": generator_tensor_count(task.model), "verified": verified,
                                  "source": source or "random initialisation", "warning": random_warning}
@@ -137,6 +137,18 @@ def _appending_csv_logger(run_dir: Path):
     return AppendingCSVLogger(save_dir=run_dir, name="", version="")
 
 
+def variant_datamodule(params: Mapping, variant: Variant, log: Callable[[str], None] = print, **overrides):
+    """The DataModule a variant reads: its own inputs, plus generated LULC for ``tim_input`` (generated on first use)."""
+    from nycdata.data import NYCDataModule
+
+    generated = None
+    if variant.generated:
+        from nycdata.generated import generate_lulc
+
+        generated = str(generate_lulc(params, variant, log))
+    return NYCDataModule.from_params({**params, "modalities": list(variant.modalities)}, generated_root=generated, **overrides)
+
+
 def seed_run_dir(params: Mapping, variant: str, seed: int) -> Path:
     return resolve_path(params["output_root"]) / params["run_name"] / variant / f"seed{seed}"
 
@@ -158,8 +170,6 @@ def make_trainer(params: Mapping, run_dir: Path, log: Callable[[str], None], cal
 def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = None,
               log: Callable[[str], None] = print, callbacks=()) -> dict:
     """Fine-tune ``params['variant']``; return (and write) the train summary."""
-    from nycdata.data import NYCDataModule
-
     variant = get_variant(params["variant"])
     seed = params["seed"] if seed is None else seed
     resume = params["resume"] if resume is None else resume
@@ -169,8 +179,8 @@ def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = No
     if (run_dir / SUMMARY_FILE).is_file():
         log(f"{run_dir} already finished; nothing to resume")
         return json.loads((run_dir / SUMMARY_FILE).read_text())
+    datamodule = variant_datamodule(params, variant, log)
     seed_everything(seed)
-    datamodule = NYCDataModule.from_params(params)
     task = build_task({**params, "variant": variant.name}, variant)
     trainer = make_trainer(params, run_dir, log, callbacks)
     started = time.monotonic()

@@ -23,10 +23,20 @@ class Variant:
     modalities: tuple[str, ...]
     thoughts: tuple[str, ...]  # TiM modalities; empty for a plain backbone
     description: str
+    generated: tuple[str, ...] = ()  # inputs generated once by TerraMind's generate model (see nycdata.generated)
 
     @property
     def is_tim(self) -> bool:
         return bool(self.thoughts)
+
+    @property
+    def uses_generator(self) -> bool:
+        """Thinks (TiM) or reads generated inputs: either way TerraMind's generator must hold real weights."""
+        return bool(self.thoughts or self.generated)
+
+    @property
+    def backbone_modalities(self) -> tuple[str, ...]:
+        return (*self.modalities, *self.generated)
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -35,10 +45,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("tim_ndvi", INPUT_MODALITIES, ("NDVI",), "same inputs, thinks NDVI: TiM without a self-referential LULC thought"),
     Variant("baseline_s1", S1_INPUTS, (), "radar + DEM only, plain TerraMind"),
     Variant("tim_s1", S1_INPUTS, ("LULC",), "radar + DEM only, thinks LULC: where TiM should help most"),
+    Variant("tim_input", INPUT_MODALITIES, (), "the seed's fallback: LULC generated once by TerraMind, read as a 4th input",
+            generated=("LULC",)),
 )}
 
 # The comparison each TiM variant answers: (TiM variant, its baseline).
-COMPARISONS: tuple[tuple[str, str], ...] = (("tim", "baseline"), ("tim_ndvi", "baseline"), ("tim_s1", "baseline_s1"))
+COMPARISONS: tuple[tuple[str, str], ...] = (("tim", "baseline"), ("tim_ndvi", "baseline"), ("tim_s1", "baseline_s1"),
+                                             ("tim_input", "baseline"))
 
 
 def get_variant(name: str) -> Variant:
@@ -49,7 +62,7 @@ def get_variant(name: str) -> Variant:
 
 def variant_model_args(params: Mapping, variant: Variant) -> dict:
     """EncoderDecoderFactory ``model_args`` for one variant under ``params``."""
-    args = model_args(params["model_size"], variant.modalities, params["timesteps"], params["pretrained"],
+    args = model_args(params["model_size"], variant.backbone_modalities, params["timesteps"], params["pretrained"],
                       tim_modalities=variant.thoughts or None)
     if params["backbone_ckpt_path"]:
         args["backbone_ckpt_path"] = str(params["backbone_ckpt_path"])

@@ -29,7 +29,7 @@ def tim_task(params):
 
 def _batch(modalities, seed=0):
     g = torch.Generator().manual_seed(seed)
-    channels = {"S2L2A": 12, "S1RTC": 2, "DEM": 1}
+    channels = {"S2L2A": 12, "S1RTC": 2, "DEM": 1, "LULC": 10}  # LULC: one-hot generated map (tim_input)
     return {m: torch.randn(B, channels[m], T, SIZE, SIZE, generator=g) for m in modalities}
 
 
@@ -37,8 +37,8 @@ def _batch(modalities, seed=0):
 def test_every_variant_builds_and_trains_one_step(params, name):
     variant = get_variant(name)
     task = build_task(params, variant)
-    assert variant_model_args(params, variant)["backbone_modalities"] == list(variant.modalities)
-    logits = task.model(_batch(variant.modalities)).output
+    assert variant_model_args(params, variant)["backbone_modalities"] == list(variant.backbone_modalities)
+    logits = task.model(_batch(variant.backbone_modalities)).output
     assert logits.shape == (B, NUM_CLASSES, SIZE, SIZE)
     torch.nn.functional.cross_entropy(logits, torch.randint(0, NUM_CLASSES, (B, SIZE, SIZE))).backward()
     assert task.model.head.head[-1].weight.grad.abs().sum() > 0
@@ -161,3 +161,25 @@ def test_offline_cache_miss_names_repo_file_and_command(params, tmp_path, monkey
     assert "ibm-esa-geospatial/TerraMind-1.0-tiny/TerraMind_v1_tiny.pt" in message
     assert "TerraMind-1.0-Tokenizer-LULC/TerraMind_Tokenizer_LULC.pt" in message
     assert "python -m nycdata download-weights" in message and str(tmp_path / "empty") in message
+
+
+def test_tim_input_generates_lulc_once_and_reads_it_as_a_fourth_input(params, tmp_path):
+    from nycdata.fixture import FixtureConfig, make_fixture
+    from nycdata.generated import DONE_FILE, generated_root
+    from nycdata.train import variant_datamodule
+
+    data = make_fixture(tmp_path / "data", FixtureConfig(chips=9, size=32, timesteps=T, seed=4))
+    run_params = {**params, "data_root": str(data), "output_root": str(tmp_path / "out"), "run_name": "g"}
+    variant = get_variant("tim_input")
+    with pytest.raises(ValueError, match="allow_random_generator"):
+        variant_datamodule({**run_params, "allow_random_generator": False}, variant, log=lambda m: None)
+    datamodule = variant_datamodule(run_params, variant, log=lambda m: None)
+    root = generated_root(run_params)
+    assert (root / DONE_FILE).is_file() and len(list(root.glob("*_LULC.tif"))) == 9
+    stamp = (root / DONE_FILE).stat().st_mtime_ns
+    variant_datamodule(run_params, variant, log=lambda m: None)
+    assert (root / DONE_FILE).stat().st_mtime_ns == stamp, "a finished generation is reused"
+    batch = next(iter(datamodule.train_dataloader()))
+    lulc = batch["image"]["LULC"]
+    assert lulc.shape[1:] == (10, T, 32, 32) and torch.equal(lulc.sum(1), torch.ones_like(lulc.sum(1)))
+    assert set(batch["image"]) == {"S2L2A", "S1RTC", "DEM", "LULC"}
