@@ -47,7 +47,7 @@ def cmd_run(args) -> int:
 
     params = _params(args)
     started = time.monotonic()
-    run_dir = run_pipeline(params, overwrite=args.overwrite, log=_log)
+    run_dir = run_pipeline(params, overwrite=getattr(args, "overwrite", False), resume=args.command == "study", log=_log)
     _log(f"run: finished in {time.monotonic() - started:.0f} s; outputs in {run_dir}")
     return 0
 
@@ -72,6 +72,22 @@ def cmd_download_weights(args) -> int:
     params = _params(args)
     for path in weights.download(params, get_variant(params["variant"])):
         _log(f"cached {path}")
+    return 0
+
+
+def cmd_supplement(args) -> int:
+    from nycdata.supplement import build_supplement
+
+    build_supplement(_params(args), log=_log)
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from huggingface_hub import get_token
+
+    from nycdata.supplement import publish
+
+    publish(_params(args), token=get_token(), log=_log)
     return 0
 
 
@@ -101,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder instead of failing")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("study", help="run or continue the variants x seeds grid: finished cells are skipped")
+    _add_params_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("supplement", help="pack the run's supplementary material (folder + zip) with its model card")
+    _add_params_options(p)
+    p.set_defaults(func=cmd_supplement)
+
+    p = sub.add_parser("publish", help="upload the model card (+ TiM checkpoint if the gate says so); dry run by default")
+    _add_params_options(p)
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("export-config", help="print a LightningCLI config for `terratorch fit --config`")
     _add_params_options(p)

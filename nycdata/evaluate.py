@@ -19,7 +19,7 @@ import torch
 from nycdata import chips
 from nycdata.classes import CLASS_NAMES, NUM_CLASSES
 from nycdata.io import write_json
-from nycdata.metrics import gate, metrics_from_confusion, per_chip_confusion
+from nycdata.metrics import CM_COLUMNS, metrics_from_confusion, per_chip_confusion
 from nycdata.params import resolve_path
 from nycdata.train import SUMMARY_FILE, NYCSegmentationTask, seed_everything, variant_datamodule
 from nycdata.variants import COMPARISONS, get_variant
@@ -27,7 +27,6 @@ from nycdata.variants import COMPARISONS, get_variant
 TEST_METRICS_FILE = "test_metrics.json"
 PER_CHIP_FILE = "per_chip.csv"
 COMPARISON_FILE = "comparison.json"
-CM_COLUMNS = [f"cm_{t}_{p}" for t in range(NUM_CLASSES) for p in range(NUM_CLASSES)]
 
 
 @dataclass(frozen=True)
@@ -131,23 +130,30 @@ def variant_metrics(per_chip: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def compare(per_chip: pd.DataFrame) -> dict:
-    """TiM vs its baseline for every comparison both sides of which were run, with the seed's gate."""
+def compare(per_chip: pd.DataFrame, n_boot: int = 2000) -> dict:
+    """Every TiM-vs-baseline comparison both sides of which were tested: mean delta over seeds, seed spread,
+    parent-grouped paired bootstrap CI, and the seed's gate on the mean delta."""
+    from nycdata.stats import paired_bootstrap, with_gate
+
     table = variant_metrics(per_chip)
     result = {}
     for tim, base in COMPARISONS:
-        a, b = (table[table.variant == v].set_index("seed").drop(columns="variant") for v in (tim, base))
-        seeds = sorted(set(a.index) & set(b.index))
-        if not seeds:
+        if not (set(table.loc[table.variant == tim, "seed"]) & set(table.loc[table.variant == base, "seed"])):
             continue
-        delta = a.loc[seeds] - b.loc[seeds]
-        delta_pp = float(delta["miou"].mean() * 100)
-        result[f"{tim}_vs_{base}"] = {
-            "tim": tim, "baseline": base, "seeds": seeds, "n_seeds": len(seeds),
-            "n_test_chips": int(per_chip[(per_chip.variant == tim) & (per_chip.seed == seeds[0])].shape[0]),
-            "delta_miou_pp": delta_pp, "tim_miou": float(a.loc[seeds, "miou"].mean()),
-            "baseline_miou": float(b.loc[seeds, "miou"].mean()),
-            "per_class_delta_iou_pp": {c: float(delta[f"iou_{c}"].mean() * 100) for c in CLASS_NAMES},
-            **gate(delta_pp),
-        }
+        stats = with_gate(paired_bootstrap(per_chip, tim, base, n_boot=n_boot))
+        means = table[table.seed.isin(stats["seeds"])].groupby("variant")["miou"].mean()
+        result[f"{tim}_vs_{base}"] = {"tim": tim, "baseline": base, "tim_miou": float(means[tim]),
+                                      "baseline_miou": float(means[base]), **stats}
     return result
+
+
+def per_chip_gain(per_chip: pd.DataFrame, tim: str, baseline: str) -> pd.DataFrame:
+    """Per test chip: mIoU of ``tim`` minus ``baseline`` in pp, each pooled over the seeds both ran."""
+    seeds = set(per_chip.loc[per_chip.variant == tim, "seed"]) & set(per_chip.loc[per_chip.variant == baseline, "seed"])
+    pooled = per_chip[per_chip.seed.isin(seeds)].groupby(["variant", "chip_id"])[CM_COLUMNS].sum()
+
+    def chip_miou(variant: str) -> pd.Series:
+        return pooled.loc[variant].apply(lambda row: metrics_from_confusion(row.to_numpy().reshape(NUM_CLASSES, NUM_CLASSES))["miou"], axis=1)
+
+    gain = (chip_miou(tim) - chip_miou(baseline)) * 100
+    return gain.rename("gain_pp").reset_index()

@@ -19,6 +19,9 @@ import numpy as np
 
 from nycdata.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 
+# Column names of a flattened confusion matrix in per_chip.csv: cm_<true>_<predicted>.
+CM_COLUMNS = [f"cm_{t}_{p}" for t in range(NUM_CLASSES) for p in range(NUM_CLASSES)]
+
 # The seed's gate: Strong > +2 pp, Acceptable 0..+2 pp, Negative < 0; publish only if >= +1 pp.
 # (Deltas are mIoU of TiM minus baseline, in percentage points.)
 STRONG_ABOVE_PP = 2.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -48,16 +49,32 @@ def prepare_dataset(params: Mapping, log: Callable[[str], None] = print, validat
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-def notebook_steps(params: Mapping) -> list[tuple[str, dict]]:
-    """The chain: 01, 02, 03 once per variant, 04, and 05 when a LULC-thinking ``tim`` run is part of it."""
+@dataclass(frozen=True)
+class Step:
+    """One notebook execution of the chain; ``output`` (relative to the run folder) exists once it is done."""
+
+    notebook: str
+    parameters: dict
+    output: str
+
+    @property
+    def label(self) -> str:
+        return self.notebook + "".join(f"_{k}{v}" if k == "seed" else f"_{v}" for k, v in self.parameters.items())
+
+
+def notebook_steps(params: Mapping) -> list[Step]:
+    """01, 02, 03 for every variant x seed, 04, and 05 when a LULC-thinking ``tim`` run is part of it."""
     from nycdata.variants import get_variant
 
     variants = [get_variant(v).name for v in params["variants"]]
-    steps = [("01_load_data", {}), ("02_smoke", {})]
-    steps += [("03_finetune", {"variant": v}) for v in variants]
-    steps.append(("04_evaluate", {}))
+    seeds = list(params["seeds"])
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {seeds}: need at least one seed and no repeats")
+    steps = [Step("01_load_data", {}, "data_summary.json"), Step("02_smoke", {}, "smoke.json")]
+    steps += [Step("03_finetune", {"variant": v, "seed": s}, f"{v}/seed{s}/train_summary.json") for s in seeds for v in variants]
+    steps.append(Step("04_evaluate", {}, "comparison.json"))
     if "tim" in variants:
-        steps.append(("05_visualise_tim", {}))
+        steps.append(Step("05_visualise_tim", {"seed": seeds[0]}, "thoughts.json"))
     return steps
 
 
@@ -89,27 +106,61 @@ def render_html(notebook: Path, html_dir: Path) -> Path:
     return out
 
 
-def run_pipeline(params: Mapping, overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Run every notebook of the chain for ``params`` into ``output_root/run_name``, then write ``summary.md``.
+def run_pipeline(params: Mapping, overwrite: bool = False, resume: bool = False,
+                 log: Callable[[str], None] = print) -> Path:
+    """Run the chain for ``params`` into ``output_root/run_name``, then write ``summary.md``.
 
-    An existing run folder is an error unless ``overwrite``, which deletes it first.
+    A fresh run refuses an existing run folder unless ``overwrite`` (which deletes it). With ``resume`` (the
+    study) an existing folder is continued: finished steps are skipped, an interrupted fine-tune resumes from
+    its ``last.ckpt``, and 04/05 run again only when a fine-tune ran.
     """
     from nycdata.report import write_summary
 
     root = resolve_path(params["output_root"]) / params["run_name"]
-    steps = notebook_steps(params)  # unknown variants fail before anything runs
-    if root.exists() and any(root.iterdir()):
+    steps = notebook_steps(params)  # unknown variants or bad seeds fail before anything runs
+    if root.exists() and any(root.iterdir()) and not resume:
         if not overwrite:
-            raise FileExistsError(f"run folder {root} already exists; choose another run_name or pass --overwrite")
+            raise FileExistsError(f"run folder {root} already exists; choose another run_name, pass --overwrite, "
+                                  "or continue it with `python -m nycdata study`")
         shutil.rmtree(root)
     prepare_dataset(params, log)
-    html, started = [], time.monotonic()
-    for i, (name, extra) in enumerate(steps, start=1):
-        suffix = f"_{extra['variant']}" if "variant" in extra else ""
-        log(f"[{i}/{len(steps)}] {name}{suffix} ({time.monotonic() - started:.0f} s elapsed)")
-        executed = execute_notebook(name, root / "notebooks", {**params, **extra}, suffix)
-        html.append(render_html(executed, root / "html"))
+    progress, trained = Progress(len(steps), log), False
+    for step in steps:
+        if resume and (root / step.output).is_file() and not (trained and step.notebook in ("04_evaluate", "05_visualise_tim")):
+            progress.skip(step.label)
+            continue
+        progress.start(step.label)
+        extra = {**step.parameters, "resume": resume} if step.notebook == "03_finetune" else step.parameters
+        execute_notebook(step.notebook, root / "notebooks", {**params, **extra}, step.label[len(step.notebook):])
+        trained |= step.notebook == "03_finetune"
+        progress.done()
+    html = [render_html(nb, root / "html") for nb in sorted((root / "notebooks").glob("*.ipynb"))]
     (root / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=True))
     summary = write_summary(root, dict(params), html)
     log(f"wrote {summary}")
     return root
+
+
+class Progress:
+    """``[i/N] step (elapsed, ETA)`` lines; the ETA assumes remaining steps take the mean of those run so far."""
+
+    def __init__(self, total: int, log: Callable[[str], None]):
+        self.total, self.log, self.index, self.ran, self.started = total, log, 0, [], time.monotonic()
+        self.step_started = self.started
+
+    def _eta(self) -> str:
+        if not self.ran:
+            return "ETA unknown"
+        return f"ETA {sum(self.ran) / len(self.ran) * (self.total - self.index + 1):.0f} s"
+
+    def start(self, label: str) -> None:
+        self.index += 1
+        self.step_started = time.monotonic()
+        self.log(f"[{self.index}/{self.total}] {label} ({time.monotonic() - self.started:.0f} s elapsed, {self._eta()})")
+
+    def skip(self, label: str) -> None:
+        self.index += 1
+        self.log(f"[{self.index}/{self.total}] {label}: already done, skipped")
+
+    def done(self) -> None:
+        self.ran.append(time.monotonic() - self.step_started)

@@ -130,3 +130,48 @@ def thought_panel(rgb_image, truth, esri_map, thought_classes, tokens, predictio
     esri = [matplotlib.patches.Patch(color=c, label=n) for n, c in zip(ESRI_LULC_CLASSES, ESRI_LULC_COLOURS)]
     fig.legend(handles=legend_handles() + esri, loc="lower center", ncol=8, fontsize=7)
     return fig
+
+
+def forest(comparison: dict):
+    """Mean delta mIoU (pp) per comparison with its 95 % CI, against the gate's thresholds."""
+    names = list(comparison)
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.5))
+    for i, name in enumerate(names):
+        c = comparison[name]
+        lo, hi = c.get("ci95_pp", [c["delta_miou_pp"]] * 2)
+        ax.errorbar(c["delta_miou_pp"], i, xerr=[[c["delta_miou_pp"] - lo], [hi - c["delta_miou_pp"]]], fmt="o", capsize=4)
+    for x, style in ((0, "-"), (1, ":"), (2, "--")):
+        ax.axvline(x, color="grey", linestyle=style, linewidth=1)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("Δ mIoU (pp), TiM - baseline; lines: 0, publish (+1), strong (+2)")
+    ax.set_title("TiM effect with parent-grouped bootstrap 95 % CI")
+    fig.tight_layout()
+    return fig
+
+
+def per_class_delta(comparison: dict):
+    """Per-class IoU delta (pp) of each comparison, bars in class colours."""
+    frame = pd.DataFrame({name: c["per_class_delta_iou_pp"] for name, c in comparison.items()}).reindex(list(CLASS_NAMES))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / max(len(frame.columns), 1)
+    for j, name in enumerate(frame.columns):
+        ax.bar(np.arange(len(frame)) + j * width, frame[name], width, color=list(CLASS_COLOURS), edgecolor="black",
+               hatch=["", "//", "..", "xx"][j % 4], label=name)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(frame)) + width * (len(frame.columns) - 1) / 2, frame.index)
+    ax.set_ylabel("Δ IoU (pp)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def gain_vs_agreement(points: pd.DataFrame):
+    """Per test chip: TiM's mIoU gain over the baseline against how right its thought was."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter(points["thought_agreement"], points["gain_pp"], s=18)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("thought agreement with ground truth (pixel fraction)")
+    ax.set_ylabel("TiM gain (pp mIoU)")
+    ax.set_title("does TiM help where its thought is right?")
+    fig.tight_layout()
+    return fig

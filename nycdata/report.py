@@ -11,6 +11,7 @@ from nycdata.classes import CLASS_NAMES
 from nycdata.evaluate import COMPARISON_FILE, PER_CHIP_FILE, variant_metrics
 
 SUMMARY_FILE = "summary.md"
+RESULTS_FILE = "results.csv"
 
 
 def results_table(per_chip: pd.DataFrame) -> pd.DataFrame:
@@ -38,11 +39,34 @@ def markdown_results(results: pd.DataFrame) -> str:
 
 
 def markdown_comparison(comparison: dict) -> str:
-    lines = ["| comparison | seeds | test chips | Δ mIoU (pp) | verdict | publish |", "|---|---|---|---|---|---|"]
+    lines = ["| comparison | seeds | test chips (parents) | Δ mIoU (pp) | 95 % CI (pp) | seed std (pp) | CI excludes 0 | verdict | publish |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, c in comparison.items():
-        lines.append(f"| {name} | {c['n_seeds']} | {c['n_test_chips']} | {c['delta_miou_pp']:+.2f} | {c['verdict']} | "
-                     f"{'yes' if c['publish'] else 'no'} |")
+        lo, hi = c["ci95_pp"]
+        lines.append(f"| {name} | {c['n_seeds']} | {c['n_test_chips']} ({c['n_parents']}) | {c['delta_miou_pp']:+.2f} | "
+                     f"[{lo:+.2f}, {hi:+.2f}] | {c['seed_std_pp']:.2f} | {'yes' if c['ci_excludes_zero'] else 'no'} | "
+                     f"{c['verdict']} | {'yes' if c['publish'] else 'no'} |")
     return "\n".join(lines)
+
+
+def write_figures(root: Path, per_chip: pd.DataFrame, comparison: dict) -> list[Path]:
+    """Forest plot, per-class deltas and (when 05 ran) per-chip TiM gain against thought agreement."""
+    import matplotlib.pyplot as plt
+
+    from nycdata import plots
+    from nycdata.evaluate import per_chip_gain
+
+    figures = root / "figures"
+    figures.mkdir(exist_ok=True)
+    made = {"forest.png": plots.forest(comparison), "per_class_delta.png": plots.per_class_delta(comparison)}
+    agreement_file = root / "thoughts_per_chip.csv"
+    if agreement_file.is_file() and "tim_vs_baseline" in comparison:
+        points = per_chip_gain(per_chip, "tim", "baseline").merge(pd.read_csv(agreement_file), on="chip_id")
+        made["gain_vs_thought_agreement.png"] = plots.gain_vs_agreement(points)
+    for name, fig in made.items():
+        fig.savefig(figures / name, dpi=110)
+        plt.close(fig)
+    return [figures / name for name in made]
 
 
 def write_summary(root: Path, params: dict, html_files: list[Path]) -> Path:
@@ -55,9 +79,14 @@ def write_summary(root: Path, params: dict, html_files: list[Path]) -> Path:
              f"{params['max_epochs']} epochs at most.", ""]
     if not params["pretrained"]:
         parts += ["**Random weights (pretrained=false): these numbers test the pipeline, not TerraMind or TiM.**", ""]
-    parts += ["## Test metrics", "", markdown_results(results_table(per_chip)), "",
+    results = results_table(per_chip)
+    results.to_csv(root / RESULTS_FILE, index=False)
+    figures = write_figures(root, per_chip, comparison) if comparison else []
+    parts += ["## Test metrics (mean ± std over seeds)", "", markdown_results(results), "",
               "## TiM vs baseline (gate: strong > +2 pp, acceptable 0..+2 pp, negative < 0; publish if >= +1 pp)", "",
-              markdown_comparison(comparison), "", "## Notebooks", ""]
+              "95 % CI: paired bootstrap over test parents. A verdict whose CI includes 0 is not evidence of an effect.", "",
+              markdown_comparison(comparison), "", *[f"![{f.stem}]({f.relative_to(root).as_posix()})" for f in figures],
+              "", "## Notebooks", ""]
     parts += [f"- [{f.stem}]({f.relative_to(root).as_posix()})" for f in html_files]
     path = root / SUMMARY_FILE
     path.write_text("\n".join(parts) + "\n")

@@ -185,3 +185,15 @@ def thought_agreement(thought_classes: np.ndarray, truth: np.ndarray) -> dict:
     metrics = metrics_from_confusion(cm)
     return {"pixel_agreement": metrics["pixel_accuracy"], "miou": metrics["miou"], "iou": metrics["iou"],
             "thought_undefined_fraction": float(1 - defined.mean()), "confusion": cm.tolist()}
+
+
+def per_chip_agreement(thought_classes: np.ndarray, truth: np.ndarray, chip_ids) -> "pd.DataFrame":
+    """Fraction of each chip's pixels (all timesteps, both defined) where the thought equals ground truth."""
+    import pandas as pd
+
+    truth_t = np.broadcast_to(truth[:, None], thought_classes.shape)
+    defined = (thought_classes != IGNORE_INDEX) & (truth_t != IGNORE_INDEX)
+    hits = ((thought_classes == truth_t) & defined).sum(axis=(1, 2, 3))
+    counts = defined.sum(axis=(1, 2, 3))
+    agreement = np.divide(hits, counts, out=np.full(len(counts), np.nan), where=counts > 0)
+    return pd.DataFrame({"chip_id": list(chip_ids), "thought_agreement": agreement})

@@ -43,6 +43,10 @@ class NYCSegmentationTask(SemanticSegmentationTask):
     """
 
     def __init__(self, *args, **kwargs):
+        # Lightning re-feeds every saved hyperparameter when loading a checkpoint, and terratorch records ``task``,
+        # which its __init__ does not take. (The plain ``super().__init__(*args, **kwargs)`` lets the terratorch
+        # CLI read the parent's signature.)
+        kwargs.pop("task", None)
         super().__init__(*args, **kwargs)
         freeze_unused_tokenizer(self.model)  # here, so the terratorch CLI path freezes it too
 

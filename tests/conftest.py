@@ -30,3 +30,27 @@ def pristine_index(pristine_fixture_dir):
 def fixture_copy(pristine_fixture_dir, tmp_path):
     """A private copy of the session fixture that a test may damage."""
     return shutil.copytree(pristine_fixture_dir, tmp_path / "fx")
+
+
+# --- the notebook chain, run once per session for tests/test_notebooks.py and tests/test_supplement.py
+CHAIN_CHIPS, CHAIN_SIZE, CHAIN_TIMESTEPS = 9, 32, 2
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    """Run folder of `run_pipeline` on a fresh fixture (tiny model, 2 epochs), executed from another cwd."""
+    import os
+
+    from nycdata.params import PARAMS_DIR, load_params
+    from nycdata.pipeline import run_pipeline
+
+    base = tmp_path_factory.mktemp("chain")
+    params = load_params(PARAMS_DIR / "fixture.yaml", overrides={
+        "output_root": str(base / "outputs"), "data_root": str(base / "data"), "run_name": "nb",
+        "fixture_chips": CHAIN_CHIPS, "fixture_size": CHAIN_SIZE, "bootstrap_samples": 200})
+    cwd = os.getcwd()
+    os.chdir(base)  # paths come from parameters, never from the working directory
+    try:
+        return run_pipeline(params, log=lambda message: None)
+    finally:
+        os.chdir(cwd)

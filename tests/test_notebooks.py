@@ -1,36 +1,21 @@
-"""Every notebook executed once with papermill on a fresh fixture (through `python -m nycdata run`), from another cwd.
+"""Every notebook executed once with papermill on a fresh fixture (the `run` chain of conftest), from another cwd.
 
 The chain runs once per session (about two minutes on 2 cores); each test then checks one notebook's files.
 """
 
 import json
-import os
 
 import nbformat
 import pytest
 import yaml
 
 from nycdata.metrics import gate
-from nycdata.params import PARAMS_DIR, defaults, load_params
+from nycdata.params import defaults
 from nycdata.pipeline import NOTEBOOK_DIR, execute_notebook, run_pipeline
 
+from conftest import CHAIN_CHIPS as CHIPS, CHAIN_SIZE as SIZE, CHAIN_TIMESTEPS as T
+
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-CHIPS, SIZE, T = 9, 32, 2
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("chain")
-    params = load_params(PARAMS_DIR / "fixture.yaml", overrides={
-        "output_root": str(base / "outputs"), "data_root": str(base / "data"), "run_name": "nb",
-        "fixture_chips": CHIPS, "fixture_size": SIZE})
-    cwd = os.getcwd()
-    os.chdir(base)  # paths come from parameters, never from the working directory
-    try:
-        root = run_pipeline(params, log=lambda message: None)
-    finally:
-        os.chdir(cwd)
-    return root
 
 
 def _json(path):
@@ -109,13 +94,13 @@ def test_05_thoughts(run):
     n = _json(run / "comparison.json")["tim_vs_baseline"]["n_test_chips"]
     assert thoughts["tokens_shape"] == [n, T, SIZE // 16, SIZE // 16]
     assert 0 <= thoughts["pixel_agreement"] <= 1 and len(thoughts["confusion"]) == 5
-    assert "meaningless" in (run / "html" / "05_visualise_tim.html").read_text()
+    assert "meaningless" in (run / "html" / "05_visualise_tim_seed42.html").read_text()
 
 
 def test_chain_writes_html_and_summary(run):
     html = sorted(p.name for p in (run / "html").glob("*.html"))
-    assert html == ["01_load_data.html", "02_smoke.html", "03_finetune_baseline.html", "03_finetune_tim.html",
-                    "04_evaluate.html", "05_visualise_tim.html"]
+    assert html == ["01_load_data.html", "02_smoke.html", "03_finetune_baseline_seed42.html",
+                    "03_finetune_tim_seed42.html", "04_evaluate.html", "05_visualise_tim_seed42.html"]
     summary = (run / "summary.md").read_text()
     assert "| tim_vs_baseline | 1 |" in summary and "html/04_evaluate.html" in summary
     assert yaml.safe_load((run / "params.yaml").read_text())["run_name"] == "nb"
@@ -123,10 +108,18 @@ def test_chain_writes_html_and_summary(run):
     assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
 
 
-def test_second_run_into_same_folder_fails(run):
+def test_second_run_into_same_folder_fails_but_the_study_resumes_without_redoing(run):
+    import time
+
     params = yaml.safe_load((run / "params.yaml").read_text())
     with pytest.raises(FileExistsError, match="already exists"):
         run_pipeline(params, log=lambda message: None)
+    before = (run / "comparison.json").stat().st_mtime_ns
+    lines, started = [], time.monotonic()
+    run_pipeline(params, resume=True, log=lines.append)
+    assert time.monotonic() - started < 60, "a finished study must not redo any notebook"
+    assert sum("already done, skipped" in line for line in lines) == 6
+    assert (run / "comparison.json").stat().st_mtime_ns == before
 
 
 def test_misspelt_parameter_fails_loudly(run, tmp_path):

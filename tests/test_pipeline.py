@@ -24,10 +24,19 @@ def test_list_overrides_are_parsed_as_yaml_and_variants_checked_first(tmp_path, 
     assert "variant 'timm' unknown; valid variants: baseline, tim" in capsys.readouterr().err
 
 
-def test_chain_runs_each_variant_then_evaluates():
-    params = load_params(overrides={"variants": ["baseline", "tim_s1", "tim"]})
-    assert notebook_steps(params) == [
-        ("01_load_data", {}), ("02_smoke", {}), ("03_finetune", {"variant": "baseline"}),
-        ("03_finetune", {"variant": "tim_s1"}), ("03_finetune", {"variant": "tim"}), ("04_evaluate", {}),
-        ("05_visualise_tim", {})]
-    assert ("05_visualise_tim", {}) not in notebook_steps({**params, "variants": ["baseline"]})
+def test_chain_runs_each_variant_and_seed_then_evaluates():
+    params = load_params(overrides={"variants": ["baseline", "tim_s1", "tim"], "seeds": [3, 4]})
+    steps = notebook_steps(params)
+    assert [(s.notebook, s.parameters) for s in steps] == [
+        ("01_load_data", {}), ("02_smoke", {}),
+        *[("03_finetune", {"variant": v, "seed": seed}) for seed in (3, 4) for v in ("baseline", "tim_s1", "tim")],
+        ("04_evaluate", {}), ("05_visualise_tim", {"seed": 3})]
+    assert steps[2].output == "baseline/seed3/train_summary.json" and steps[2].label == "03_finetune_baseline_seed3"
+    assert "05_visualise_tim" not in [s.notebook for s in notebook_steps({**params, "variants": ["baseline"]})]
+
+
+def test_seeds_must_be_distinct():
+    import pytest
+
+    with pytest.raises(ValueError, match="no repeats"):
+        notebook_steps(load_params(overrides={"seeds": [1, 1]}))

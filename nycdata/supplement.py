@@ -1,0 +1,148 @@
+"""Supplementary material, the model card and the (dry-run by default) Hugging Face upload of a run.
+
+``supplement/`` (and ``supplement.zip``) is self-contained and viewable offline
+without Jupyter: rendered notebooks, ``summary.md``, ``results.csv``,
+``comparison.json``, figures, the exact params, package versions and the card.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Mapping
+
+import yaml
+
+from nycdata.io import replace_dir_atomically
+from nycdata.params import resolve_path
+
+SUPPLEMENT_DIR = "supplement"
+CARD_FILE = "MODEL_CARD.md"
+COPIED = ("summary.md", "results.csv", "comparison.json", "per_chip.csv", "data_summary.json", "smoke.json",
+          "thoughts.json", "params.yaml")
+VERSIONED = ("torch", "terratorch", "torchgeo", "lightning", "torchmetrics", "rasterio", "geopandas", "numpy",
+             "papermill", "huggingface_hub", "nycdata")
+
+
+def run_root(params: Mapping) -> Path:
+    return resolve_path(params["output_root"]) / params["run_name"]
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _require(root: Path, name: str) -> Path:
+    path = root / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: run the study first (`python -m nycdata study -f PARAMS`)")
+    return path
+
+
+def model_card(root: Path, params: Mapping) -> str:
+    """A Hugging Face model card: model, data, classes, splits, metrics with CIs, limitations, how to reproduce."""
+    from nycdata.classes import CLASSES
+
+    comparison = json.loads(_require(root, "comparison.json").read_text())
+    data = json.loads(_require(root, "data_summary.json").read_text())
+    summary = _require(root, "summary.md").read_text()
+    verdicts = "; ".join(f"{n}: {c['delta_miou_pp']:+.2f} pp, 95 % CI [{c['ci95_pp'][0]:+.2f}, {c['ci95_pp'][1]:+.2f}], "
+                         f"{c['verdict']}, publish={c['publish']}" for n, c in comparison.items())
+    front = {"library_name": "terratorch", "license": "apache-2.0", "pipeline_tag": "image-segmentation",
+             "tags": ["terramind", "thinking-in-modalities", "land-cover", "new-york-city", "sentinel-2", "sentinel-1"]}
+    classes = "\n".join(f"| {c.index} | {c.name} | {', '.join(map(str, c.worldcover_codes))} |" for c in CLASSES)
+    splits = ", ".join(f"{s}: {v['chips']} chips / {v['parents']} parents" for s, v in data["splits"].items())
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False).strip()}
+---
+# TerraMind TiM on NYC land cover (`{params['run_name']}`)
+
+**Result:** {verdicts}. A negative or inconclusive result is published as such.
+
+## Model
+`terramind_v1_{params['model_size']}` (plain and `_tim`) fine-tuned with terratorch's `SemanticSegmentationTask`:
+temporal concat over {params['timesteps']} timesteps, UNet decoder, cross-entropy, AdamW lr {params['lr']},
+ReduceLROnPlateau, early stopping; pretrained={params['pretrained']}.
+
+## Data
+{data['n_chips']} chips of {data['chip_size']} px from {data['n_parents']} parent scenes, split by parent ({splits}).
+Inputs Sentinel-2 L2A (12 bands), Sentinel-1 RTC (VV, VH in dB), DEM; labels ESA WorldCover 2021 mapped to:
+
+| class | name | WorldCover codes |
+|---|---|---|
+{classes}
+
+## Metrics
+{summary.split("## Test metrics", 1)[-1].split("## Notebooks", 1)[0].strip()}
+
+## Limitations
+- Few test parents: chips of one scene are correlated, so CIs resample parents; they are wide.
+- TerraMind's LULC class order is inferred (ESRI legend), so thought-vs-truth agreement uses an inferred crosswalk.
+- pretrained=false runs (the fixture) test the pipeline only; their numbers say nothing about TerraMind.
+
+## Reproduce
+```bash
+make test
+python -m nycdata download-weights -f params/nyc.yaml -p variant tim
+python -m nycdata study -f params/nyc.yaml
+python -m nycdata supplement -f params/nyc.yaml
+```
+"""
+
+
+def build_supplement(params: Mapping, log: Callable[[str], None] = print) -> Path:
+    """Pack ``supplement/`` and ``supplement.zip`` next to the run's results."""
+    root = run_root(params)
+    with replace_dir_atomically(root / SUPPLEMENT_DIR, overwrite=True) as tmp:
+        for name in COPIED:
+            if (root / name).is_file():
+                shutil.copy2(root / name, tmp / name)
+        for folder in ("html", "figures"):
+            if (root / folder).is_dir():
+                shutil.copytree(root / folder, tmp / folder)
+        (tmp / "versions.json").write_text(json.dumps(package_versions(), indent=2) + "\n")
+        (tmp / CARD_FILE).write_text(model_card(root, params))
+    archive = shutil.make_archive(str(root / SUPPLEMENT_DIR), "zip", root / SUPPLEMENT_DIR)
+    log(f"supplement: {root / SUPPLEMENT_DIR} and {archive}")
+    return root / SUPPLEMENT_DIR
+
+
+def upload_plan(params: Mapping, comparison_name: str = "tim_vs_baseline") -> list[tuple[Path, str]]:
+    """(local file, path in the repo) to upload: the card and results, plus the TiM checkpoint when the gate says publish."""
+    root = run_root(params)
+    supplement = root / SUPPLEMENT_DIR
+    if not (supplement / CARD_FILE).is_file():
+        raise FileNotFoundError(f"{supplement / CARD_FILE} missing: run `python -m nycdata supplement` first")
+    plan = [(supplement / CARD_FILE, "README.md"), (supplement / "comparison.json", "comparison.json"),
+            (supplement / "results.csv", "results.csv")]
+    comparison = json.loads((supplement / "comparison.json").read_text())[comparison_name]
+    if comparison["publish"]:
+        seed = comparison["seeds"][0]
+        plan.append((root / comparison["tim"] / f"seed{seed}" / "checkpoints" / "best.ckpt", f"{comparison['tim']}_seed{seed}.ckpt"))
+    return plan
+
+
+def publish(params: Mapping, token: str | None = None, log: Callable[[str], None] = print) -> list[str]:
+    """Upload the plan to ``hf_repo_id``; a dry run (listing only) unless ``publish: true`` and a token are present."""
+    plan = upload_plan(params)
+    lines = [f"{local} -> {params['hf_repo_id'] or '<hf_repo_id unset>'}/{remote}" for local, remote in plan]
+    if not (params["publish"] and token and params["hf_repo_id"]):
+        log("dry run (set publish: true, hf_repo_id and a Hugging Face token to upload):\n  " + "\n  ".join(lines))
+        return lines
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(params["hf_repo_id"], exist_ok=True)
+    for local, remote in plan:
+        api.upload_file(path_or_fileobj=str(local), path_in_repo=remote, repo_id=params["hf_repo_id"])
+        log(f"uploaded {remote}")
+    return lines
