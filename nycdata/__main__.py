@@ -91,6 +91,37 @@ def cmd_publish(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    from nycdata.build import build_dataset
+
+    params = _params(args)
+    build_dataset(Path(args.sources), Path(args.out_dir), params, overwrite=args.overwrite, log=_log)
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from nycdata import fetch
+
+    params = _params(args)
+    out = Path(args.out_dir)
+    if args.source == "majortom":
+        fetch.fetch_majortom(out, max_cloud=params["max_cloud_cover"], log=_log)
+    elif args.source == "stac":
+        fetch.fetch_stac(out, start=args.start, end=args.end, max_cloud=params["max_cloud_cover"], log=_log)
+    else:
+        fetch.fetch_worldcover(out, log=_log)
+    _log(f"fetch: manifest {out / 'sources.csv'}")
+    return 0
+
+
+def cmd_synthetic_sources(args) -> int:
+    from nycdata.synthetic_sources import SyntheticSourcesConfig, make_sources
+
+    manifest = make_sources(Path(args.out_dir), SyntheticSourcesConfig(parents=args.parents, seed=args.seed))
+    _log(f"synthetic sources: {manifest}")
+    return 0
+
+
 def _add_params_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--params-file", action="append", default=[], help="params YAML (repeatable; later wins)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), help="override one parameter")
@@ -112,6 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a chip dataset; exit 1 and list every problem if any")
     p.add_argument("data_dir")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("build", help="build the chip dataset from a sources manifest, then validate it")
+    p.add_argument("sources", help="sources.csv written by `fetch` (or by hand)")
+    p.add_argument("out_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT_DIR")
+    _add_params_options(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("fetch", help="download raw sources for the NYC AOI and write sources.csv (needs internet)")
+    p.add_argument("source", choices=["majortom", "stac", "worldcover"])
+    p.add_argument("out_dir")
+    p.add_argument("--start", default="2020-01-01", help="first date (stac)")
+    p.add_argument("--end", default="2025-12-31", help="last date (stac)")
+    _add_params_options(p)
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("synthetic-sources", help="write synthetic raw sources + sources.csv (offline stand-in for fetch)")
+    p.add_argument("out_dir")
+    p.add_argument("--parents", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synthetic_sources)
 
     p = sub.add_parser("run", help="run the notebook chain for a params file into output_root/run_name")
     _add_params_options(p)

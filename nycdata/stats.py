@@ -98,10 +98,10 @@ def _stacked(per_chip, tim, baseline, seeds, parents) -> np.ndarray:
                                for s in seeds]) for v in (tim, baseline)])
 
 
-def _delta_pp(flat_cms: np.ndarray) -> np.ndarray:
-    """Mean over seeds of mIoU(tim) - mIoU(baseline), in pp, from (2, S, ..., 25) matrices."""
+def _seed_deltas_pp(flat_cms: np.ndarray) -> np.ndarray:
+    """Per seed mIoU(tim) - mIoU(baseline), in pp, from (2, S, ..., 25) matrices -> (S, ...)."""
     miou = miou_from_confusions(flat_cms.reshape(*flat_cms.shape[:-1], NUM_CLASSES, NUM_CLASSES))
-    return ((miou[0] - miou[1]) * 100).mean(axis=0)
+    return (miou[0] - miou[1]) * 100
 
 
 def _percentile_ci(replicates: np.ndarray, level: float) -> tuple[float, float]:
@@ -116,9 +116,10 @@ def _percentile_ci(replicates: np.ndarray, level: float) -> tuple[float, float]:
 
 def paired_bootstrap(per_chip: pd.DataFrame, tim: str, baseline: str, n_boot: int = 2000,
                      seed: int = 0, level: float = 0.95) -> dict:
-    """TiM-minus-baseline mIoU delta (pp, mean over common seeds) with a parent-level paired bootstrap CI.
+    """TiM-minus-baseline mIoU delta (pp, mean over common seeds) with a paired two-level bootstrap CI.
 
-    Parents, not chips, are resampled (see the module docstring). The point
+    Parents, not chips, are resampled (see the module docstring), and so are the
+    seeds; fewer than two test parents give no interval (NaN). The point
     estimate uses all the data; the percentile interval skips NaN replicates
     (a draw with no labelled pixel at all). Deterministic for a given ``seed``.
     """
@@ -134,10 +135,14 @@ def paired_bootstrap(per_chip: pd.DataFrame, tim: str, baseline: str, n_boot: in
     full = stacked.sum(axis=2)                                            # (2, S, 25)
     miou = miou_from_confusions(full.reshape(2, len(seeds), NUM_CLASSES, NUM_CLASSES))
     per_seed = (miou[0] - miou[1]) * 100                                  # (S,)
-    weights = np.random.default_rng(seed).multinomial(len(parents), np.full(len(parents), 1 / len(parents)),
-                                                      size=n_boot)       # (B, P), shared: paired
-    replicates = _delta_pp(weights @ stacked)                             # (2, S, B, 25) -> (B,)
-    lo, hi = _percentile_ci(replicates, level)
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(len(parents), np.full(len(parents), 1 / len(parents)), size=n_boot)  # (B, P), paired
+    seed_deltas = _seed_deltas_pp(weights @ stacked)                      # (2, S, B, 25) -> (S, B)
+    # Seeds are resampled too (two-level bootstrap): with few seeds, training noise is most of the uncertainty.
+    seed_weights = rng.multinomial(len(seeds), np.full(len(seeds), 1 / len(seeds)), size=n_boot)  # (B, S)
+    replicates = (seed_deltas.T * seed_weights).sum(axis=1) / len(seeds)
+    # One parent gives no parent-level spread at all: report no interval rather than a zero-width one.
+    lo, hi = _percentile_ci(replicates, level) if len(parents) > 1 else (math.nan, math.nan)
     iou = iou_from_confusions(full.reshape(2, len(seeds), NUM_CLASSES, NUM_CLASSES))
     class_delta = ((iou[0] - iou[1]) * 100).mean(axis=0)
     return {
@@ -146,6 +151,7 @@ def paired_bootstrap(per_chip: pd.DataFrame, tim: str, baseline: str, n_boot: in
         "n_seeds": len(seeds), "seeds": [int(s) for s in seeds],
         "n_test_chips": int(((per_chip["variant"] == tim) & (per_chip["seed"] == seeds[0])).sum()),
         "n_parents": len(parents), "n_boot": int(n_boot), "ci_excludes_zero": bool(lo > 0 or hi < 0),
+        "ci_resamples": "test parents and seeds" if len(seeds) > 1 else "test parents",
         "per_class_delta_iou_pp": {c: float(v) for c, v in zip(CLASS_NAMES, class_delta)},
     }
 

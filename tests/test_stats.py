@@ -199,8 +199,24 @@ def test_point_estimate_seed_spread_and_bookkeeping_match_a_hand_computation():
         assert r["per_class_delta_iou_pp"][c] == pytest.approx(want, abs=1e-10)
     assert r["seeds"] == [0, 1, 2] and r["n_seeds"] == 3
     assert r["n_test_chips"] == 20 and r["n_parents"] == 5 and r["n_boot"] == 200 and r["ci_level"] == 0.95
-    assert all(type(v) in (float, int, bool, list, dict) for v in r.values())
+    assert all(type(v) in (float, int, bool, list, dict, str) for v in r.values())
+    assert r["ci_resamples"] == "test parents and seeds"
     json.dumps(r)
+
+
+def test_one_test_parent_gives_no_interval_instead_of_a_zero_width_one():
+    per_chip = make_per_chip(n_parents=1, chips=4, seeds=(0, 1), effect=0.05)
+    r = paired_bootstrap(per_chip, TIM, BASE, n_boot=200, seed=0)
+    assert all(math.isnan(v) for v in r["ci95_pp"]) and r["ci_excludes_zero"] is False and r["n_parents"] == 1
+
+
+def test_seed_noise_widens_the_interval():
+    calm = paired_bootstrap(make_per_chip(n_parents=8, chips=4, seeds=(0, 1, 2), effect=0.02, seed_sd=0.0), TIM, BASE,
+                            n_boot=1000, seed=0)
+    noisy = paired_bootstrap(make_per_chip(n_parents=8, chips=4, seeds=(0, 1, 2), effect=0.02, seed_sd=0.05), TIM, BASE,
+                             n_boot=1000, seed=0)
+    width = lambda r: r["ci95_pp"][1] - r["ci95_pp"][0]  # noqa: E731
+    assert width(noisy) > 1.5 * width(calm)
 
 
 def test_single_seed_has_nan_spread():

@@ -1,0 +1,334 @@
+"""Sources -> chips: put every modality on each parent's S2 10 m grid, fix the original's defects, cut, split.
+
+Reads a sources manifest (``sources.csv``, written by :mod:`nycdata.fetch` or
+by hand; columns ``parent_id, modality, date, band, path, cloud_cover,
+processing_baseline, product_id``) and writes the chip format of
+:mod:`nycdata.chips`, then validates it. What it fixes, and records per chip:
+
+- T dates per parent: ``distinct`` cloud-filtered dates spread over the season
+  (the original copied one scene T times; ``replicate`` keeps that, explicitly);
+- S1 linear power -> dB (the original normalised linear values with dB
+  statistics); zeros/NaN are nodata, filled with the pretraining mean;
+- S2 scenes before processing baseline 04.00 get the +1000 BOA offset that
+  TerraMind's pretraining data has;
+- a missing DEM is an error unless ``allow_missing_dem``, and is then flagged;
+- WorldCover -> the 5 classes of :mod:`nycdata.classes` (nearest resampling).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from nycdata import chips
+from nycdata.classes import IGNORE_INDEX, class_counts, worldcover_to_class
+from nycdata.data import TERRAMIND_V1_STATS
+from nycdata.io import replace_dir_atomically
+
+MANIFEST_COLUMNS = ("parent_id", "modality", "date", "band", "path", "cloud_cover", "processing_baseline", "product_id")
+SOURCE_MODALITIES = ("S2L2A", "S1RTC", "DEM", "WORLDCOVER")
+BANDS = {"S2L2A": chips.S2L2A_BANDS, "S1RTC": ("VV", "VH"), "DEM": ("DEM",), "WORLDCOVER": ("WORLDCOVER",)}
+OFFSET_BASELINE = "04.00"
+OFFSET_DATE = dt.date(2022, 1, 25)
+S2_OFFSET = 1000
+
+
+class SourceError(ValueError):
+    """A source file or manifest row cannot be used; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    crs: object
+    transform: object
+    height: int
+    width: int
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"sources manifest {path} not found; write it with `python -m nycdata fetch ...`")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("parent_id", "modality", "date", "band", "path") if c not in frame.columns]
+    if missing:
+        raise SourceError(f"{path}: columns {missing} missing; expected {list(MANIFEST_COLUMNS)}")
+    for column in MANIFEST_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = ""
+    bad = frame.loc[~frame["modality"].isin(SOURCE_MODALITIES)]
+    if len(bad):
+        raise SourceError(f"{path} row {bad.index[0] + 2}: modality {bad.iloc[0]['modality']!r}; expected one of {SOURCE_MODALITIES}")
+    frame["file"] = [str((path.parent / p).resolve()) for p in frame["path"]]
+    absent = [f for f in frame["file"] if not Path(f).is_file()]
+    if absent:
+        raise SourceError(f"{path}: {len(absent)} listed files do not exist, e.g. {absent[0]}")
+    return frame
+
+
+def choose_dates(s2_rows: pd.DataFrame, timesteps: int, mode: str, max_cloud: float, parent: str) -> list[str]:
+    """T S2 dates of one parent: distinct and spread over the season, or one date replicated."""
+    cloud = pd.to_numeric(s2_rows["cloud_cover"], errors="coerce").fillna(0.0)
+    dates = sorted(set(s2_rows.loc[cloud <= max_cloud, "date"]))
+    if not dates:
+        raise SourceError(f"parent {parent}: no S2 scene with cloud cover <= {max_cloud} %")
+    if mode == "replicate":
+        return [dates[0]] * timesteps
+    if mode != "distinct":
+        raise SourceError(f"temporal_mode {mode!r} unknown; choose distinct or replicate")
+    if len(dates) < timesteps:
+        raise SourceError(f"parent {parent}: {len(dates)} cloud-filtered S2 dates, {timesteps} timesteps needed; "
+                          "fetch more dates (STAC) or use temporal_mode: replicate")
+    picks = np.unique(np.round(np.linspace(0, len(dates) - 1, timesteps)).astype(int))
+    return [dates[i] for i in picks]
+
+
+def needs_offset(date: str, baseline: str) -> bool:
+    """True for scenes without the +1000 BOA offset: baseline < 04.00, or (baseline unknown) before 2022-01-25."""
+    if baseline:
+        return baseline < OFFSET_BASELINE
+    return dt.date.fromisoformat(date) < OFFSET_DATE
+
+
+def _reproject(path: str, grid: Grid, resampling: str, band: int | None = None, dst_nodata=None) -> np.ndarray:
+    """Bands of ``path`` (all, or one) warped onto ``grid`` as float64 (NaN where the source has nodata or no data)."""
+    import rasterio
+    from rasterio.warp import Resampling, reproject
+
+    with rasterio.open(path) as src:
+        indexes = [band] if band else list(range(1, src.count + 1))
+        out = np.full((len(indexes), grid.height, grid.width), np.nan)
+        for i, index in enumerate(indexes):
+            reproject(rasterio.band(src, index), out[i], src_nodata=src.nodata, dst_transform=grid.transform,
+                      dst_crs=grid.crs, dst_nodata=np.nan if dst_nodata is None else dst_nodata,
+                      resampling=getattr(Resampling, resampling))
+    return out
+
+
+def reference_grid(s2_rows: pd.DataFrame) -> Grid:
+    """The parent's S2 10 m grid: the B02 file (per-band sources) or the stacked file of its first date."""
+    import rasterio
+
+    rows = s2_rows.sort_values("date")
+    ten_m = rows[rows["band"].isin(["", "B02"])]
+    with rasterio.open(ten_m.iloc[0]["file"]) as src:
+        return Grid(src.crs, src.transform, src.height, src.width)
+
+
+def s2_stack(rows: pd.DataFrame, grid: Grid, harmonize: bool) -> tuple[np.ndarray, bool]:
+    """(12, H, W) reflectance of one date on ``grid`` (bilinear for coarser bands) and whether +1000 was added."""
+    if (rows["band"] == "").any():
+        stack = _reproject(rows[rows["band"] == ""].iloc[0]["file"], grid, "bilinear")
+    else:
+        by_band = rows.set_index("band")
+        missing = [b for b in chips.S2L2A_BANDS if b not in by_band.index]
+        if missing:
+            raise SourceError(f"parent {rows.iloc[0]['parent_id']} date {rows.iloc[0]['date']}: S2 bands {missing} missing")
+        stack = np.concatenate([_reproject(by_band.loc[b, "file"], grid, "bilinear") for b in chips.S2L2A_BANDS])
+    offset = harmonize and needs_offset(rows.iloc[0]["date"], rows.iloc[0]["processing_baseline"])
+    if offset:
+        stack = stack + S2_OFFSET
+    return np.nan_to_num(stack, nan=0.0), offset
+
+
+def s1_db(path: str, grid: Grid, declared: str, where: str) -> tuple[np.ndarray, float]:
+    """(2, H, W) VV/VH in dB on ``grid`` and the nodata fraction; nodata filled with the pretraining mean."""
+    values = _reproject(path, grid, "bilinear")
+    valid = np.isfinite(values) & (values != 0)
+    scale = declared
+    looks_db = np.nanmedian(np.where(valid, values, np.nan)) < 0 if valid.any() else declared == "db"
+    if declared == "linear" and looks_db:
+        warnings.warn(f"{where}: declared linear but holds negative values (dB?); used as dB", stacklevel=2)
+        scale = "db"
+    elif declared == "db" and not looks_db:
+        warnings.warn(f"{where}: declared dB but all values are positive (linear power?); converted to dB", stacklevel=2)
+        scale = "linear"
+    if scale == "linear":
+        valid &= values > 0
+        values = 10 * np.log10(np.where(valid, values, 1.0))
+    fill = np.array(TERRAMIND_V1_STATS["S1RTC"][0])[:, None, None]
+    return np.where(valid, values, fill), float(1 - valid.all(axis=0).mean())
+
+
+def cut_windows(grid: Grid, size: int) -> list[tuple[int, int]]:
+    return [(r, c) for r in range(grid.height // size) for c in range(grid.width // size)]
+
+
+def grouped_split(parents: list[str], fractions, seed: int) -> dict[str, str]:
+    """Whole parents to train/val/test, about ``fractions`` of parents each, at least one each."""
+    if len(parents) < 3:
+        raise SourceError(f"{len(parents)} parents: a grouped train/val/test split needs at least 3")
+    order = [parents[i] for i in np.random.default_rng(seed).permutation(len(parents))]
+    n_test = max(1, round(fractions[2] * len(parents)))
+    n_val = max(1, round(fractions[1] * len(parents)))
+    labels = ["test"] * n_test + ["val"] * n_val + ["train"] * (len(parents) - n_test - n_val)
+    return dict(zip(order, labels))
+
+
+@dataclass
+class ParentStack:
+    """Every modality of one parent on its S2 grid, with what was fixed."""
+
+    parent: str
+    grid: Grid
+    dates: list[str]
+    s1_dates: list[str]
+    s2: np.ndarray  # (T, 12, H, W)
+    s1: np.ndarray  # (T, 2, H, W) dB
+    dem: np.ndarray  # (1, H, W)
+    label: np.ndarray  # (H, W) uint8
+    fixes: list[str]
+    s1_nodata: float
+    product_ids: list[str]
+    cloud_cover: list[float]
+
+
+def assemble_parent(manifest: pd.DataFrame, parent: str, params: Mapping, log: Callable[[str], None]) -> ParentStack:
+    rows = manifest[manifest["parent_id"] == parent]
+    s2_rows = rows[rows["modality"] == "S2L2A"]
+    if s2_rows.empty:
+        raise SourceError(f"parent {parent}: no S2L2A rows in the manifest")
+    grid = reference_grid(s2_rows)
+    dates = choose_dates(s2_rows, params["timesteps"], params["temporal_mode"], params["max_cloud_cover"], parent)
+    fixes = ["temporal_replicate"] if params["temporal_mode"] == "replicate" else []
+    stacks, offsets = zip(*(s2_stack(s2_rows[s2_rows["date"] == d], grid, params["s2_harmonize"]) for d in dates))
+    fixes += [f"s2_offset_{d}" for d, added in zip(dates, offsets) if added]
+    s1, s1_dates, nodata = _s1_series(rows, parent, dates, grid, params)
+    fixes += ["s1_db"] if params["s1_input_scale"] == "linear" else []
+    dem, dem_fix = _dem(rows, manifest, parent, grid, params)
+    label = _labels(manifest, parent, grid)
+    per_date = s2_rows.drop_duplicates("date").set_index("date")
+    log(f"parent {parent}: {grid.width}x{grid.height} px, dates {', '.join(dates)}, fixes {fixes + dem_fix or 'none'}")
+    return ParentStack(parent, grid, dates, s1_dates, np.stack(stacks), s1, dem, label, fixes + dem_fix, nodata,
+                       [per_date.loc[d, "product_id"] for d in dates],
+                       [float(pd.to_numeric(per_date.loc[d, "cloud_cover"], errors="coerce") or 0.0) for d in dates])
+
+
+def _s1_series(rows, parent, dates, grid, params):
+    s1_rows = rows[rows["modality"] == "S1RTC"]
+    if s1_rows.empty:
+        raise SourceError(f"parent {parent}: no S1RTC rows in the manifest")
+    available = sorted(set(s1_rows["date"]))
+    nearest = [min(available, key=lambda a: abs(dt.date.fromisoformat(a) - dt.date.fromisoformat(d))) for d in dates]
+    series, nodata = [], []
+    for date in nearest:
+        file = s1_rows[s1_rows["date"] == date].iloc[0]["file"]
+        values, missing = s1_db(file, grid, params["s1_input_scale"], file)
+        series.append(values)
+        nodata.append(missing)
+    return np.stack(series), nearest, float(np.mean(nodata))
+
+
+def _dem(rows, manifest, parent, grid, params):
+    dem_rows = rows[rows["modality"] == "DEM"]
+    if dem_rows.empty:
+        if not params["allow_missing_dem"]:
+            raise SourceError(f"parent {parent}: no DEM in the manifest. Fetch it, or set allow_missing_dem: true to use a "
+                              "constant DEM (pretraining mean) flagged as dem_missing in the index")
+        return np.full((1, grid.height, grid.width), TERRAMIND_V1_STATS["DEM"][0][0]), ["dem_missing"]
+    dem = _reproject(dem_rows.iloc[0]["file"], grid, "bilinear")
+    if np.isnan(dem).any():
+        raise SourceError(f"parent {parent}: DEM {dem_rows.iloc[0]['file']} does not cover the parent's grid")
+    return dem, []
+
+
+def _labels(manifest, parent, grid) -> np.ndarray:
+    rows = manifest[(manifest["modality"] == "WORLDCOVER") & manifest["parent_id"].isin([parent, "*"])]
+    if rows.empty:
+        raise SourceError(f"parent {parent}: no WORLDCOVER row (for the parent or '*')")
+    codes = _reproject(rows.iloc[0]["file"], grid, "nearest", dst_nodata=0)[0]
+    return worldcover_to_class(np.nan_to_num(codes, nan=0).astype(np.int64))
+
+
+def write_parent_chips(out_dir: Path, stack: ParentStack, size: int, min_valid: float) -> tuple[list[dict], int]:
+    """Cut non-overlapping chips; drop those with too few valid labels; return index rows and the drop count."""
+    from rasterio.windows import Window, transform as window_transform
+    from shapely.geometry import box
+
+    rows, dropped, T = [], 0, len(stack.dates)
+    for r, c in cut_windows(stack.grid, size):
+        window = (slice(r * size, (r + 1) * size), slice(c * size, (c + 1) * size))
+        label = stack.label[window]
+        if (label != IGNORE_INDEX).mean() < min_valid:
+            dropped += 1
+            continue
+        transform = window_transform(Window(c * size, r * size, size, size), stack.grid.transform)
+        cid = chips.chip_id(stack.parent, r, c)
+        arrays = {"S2L2A": np.clip(np.rint(stack.s2[:, :, window[0], window[1]]), 0, 65535).astype(np.uint16).reshape(T * 12, size, size),
+                  "S1RTC": stack.s1[:, :, window[0], window[1]].astype(np.float32).reshape(T * 2, size, size),
+                  "DEM": stack.dem[:, window[0], window[1]].astype(np.float32), chips.LABEL: label[None]}
+        row = {"chip_id": cid, "parent_id": stack.parent, "row": r, "col": c, "crs": stack.grid.crs.to_string(),
+               "dates": "|".join(stack.dates), "s1_dates": "|".join(stack.s1_dates),
+               "product_ids": "|".join(stack.product_ids), "cloud_cover": "|".join(f"{v:g}" for v in stack.cloud_cover),
+               "fixes": "|".join(stack.fixes), "dem_missing": "dem_missing" in stack.fixes,
+               "s1_nodata_fraction": stack.s1_nodata, "label_nodata_fraction": float((label == IGNORE_INDEX).mean())}
+        for modality, array in arrays.items():
+            rel = chips.chip_relpath(cid, modality)
+            chips.write_raster(out_dir / rel, array, stack.grid.crs, transform, chips.MODALITIES[modality].band_descriptions(T))
+            row[chips.path_column(modality)] = rel
+        row.update({f"count_{k}": v for k, v in class_counts(label).items()})
+        left, top = transform.c, transform.f
+        row["geometry"] = box(left, top + size * transform.e, left + size * transform.a, top)
+        rows.append(row)
+    return rows, dropped
+
+
+def _assign_splits(index: pd.DataFrame, params: Mapping, log) -> pd.DataFrame:
+    from nycdata.params import resolve_path
+
+    if not params["test_chips_file"]:
+        return index.assign(split=index["parent_id"].map(grouped_split(sorted(set(index["parent_id"])),
+                                                                         params["split_fractions"], params["split_seed"])))
+    listed = {line.strip() for line in resolve_path(params["test_chips_file"]).read_text().splitlines() if line.strip()}
+    unknown = listed - set(index["chip_id"])
+    if unknown:
+        log(f"warning: {len(unknown)} listed test chips were not built, e.g. {sorted(unknown)[0]}")
+    test_parents = set(index.loc[index["chip_id"].isin(listed), "parent_id"])
+    leaking = index["parent_id"].isin(test_parents) & ~index["chip_id"].isin(listed)
+    if leaking.any():
+        log(f"dropping {int(leaking.sum())} chips of test parents that the list leaves out (they would leak)")
+    index = index.loc[~leaking].copy()
+    rest = sorted(set(index["parent_id"]) - test_parents)
+    n_val = max(1, round(params["split_fractions"][1] / sum(params["split_fractions"][:2]) * len(rest)))
+    order = [rest[i] for i in np.random.default_rng(params["split_seed"]).permutation(len(rest))]
+    splits = {p: ("val" if i < n_val else "train") for i, p in enumerate(order)} | {p: "test" for p in test_parents}
+    return index.assign(split=index["parent_id"].map(splits))
+
+
+def build_dataset(manifest_path: Path, out_dir: Path, params: Mapping, overwrite: bool = False,
+                  log: Callable[[str], None] = print) -> Path:
+    """Build the chip dataset from a sources manifest into ``out_dir`` and validate it; nothing half-written remains."""
+    import geopandas as gpd
+
+    from nycdata.validate import validate_dataset
+
+    manifest = read_manifest(Path(manifest_path))
+    parents = sorted(p for p in set(manifest["parent_id"]) if p != "*")
+    size = params["chip_size"]
+    with replace_dir_atomically(Path(out_dir), overwrite=overwrite) as tmp:
+        frames = []
+        for i, parent in enumerate(parents, start=1):
+            stack = assemble_parent(manifest, parent, params, log)
+            rows, dropped = write_parent_chips(tmp, stack, size, params["min_valid_fraction"])
+            log(f"[{i}/{len(parents)}] {parent}: {len(rows)} chips, {dropped} dropped (< {params['min_valid_fraction']:.0%} valid labels)")
+            if rows:
+                frames.append(gpd.GeoDataFrame(rows, geometry="geometry", crs=stack.grid.crs).to_crs(chips.INDEX_CRS))
+        if not frames:
+            raise SourceError(f"{manifest_path}: no chip survived; check the chip_size and min_valid_fraction parameters")
+        index = _assign_splits(pd.concat(frames, ignore_index=True), params, log)
+        chips.write_index(tmp, gpd.GeoDataFrame(index, geometry="geometry", crs=chips.INDEX_CRS))
+        build_keys = ("chip_size", "timesteps", "temporal_mode", "max_cloud_cover", "s1_input_scale", "s2_harmonize",
+                      "allow_missing_dem", "min_valid_fraction", "split_fractions", "split_seed", "test_chips_file")
+        chips.DatasetSpec(chip_size=size, timesteps=params["timesteps"], source={
+            "generator": "nycdata.build", "manifest": str(manifest_path), **{k: params[k] for k in build_keys}}).write(tmp)
+        problems = validate_dataset(tmp)
+        if problems:
+            raise SourceError("the built dataset failed validation:\n  " + "\n  ".join(map(str, problems[:20])))
+    log(f"built {len(index)} chips from {len(parents)} parents into {out_dir}")
+    return Path(out_dir)
