@@ -332,3 +332,42 @@ def build_dataset(manifest_path: Path, out_dir: Path, params: Mapping, overwrite
             raise SourceError("the built dataset failed validation:\n  " + "\n  ".join(map(str, problems[:20])))
     log(f"built {len(index)} chips from {len(parents)} parents into {out_dir}")
     return Path(out_dir)
+
+
+def s1_conversion_example(manifest: pd.DataFrame, parent: str, params: Mapping) -> dict:
+    """VV of the parent's first S1 scene before (as stored) and after the dB conversion, for notebook 00."""
+    s2_rows = manifest[(manifest["parent_id"] == parent) & (manifest["modality"] == "S2L2A")]
+    row = manifest[(manifest["parent_id"] == parent) & (manifest["modality"] == "S1RTC")].sort_values("date").iloc[0]
+    grid = reference_grid(s2_rows)
+    raw = _reproject(row["file"], grid, "bilinear")[0]
+    converted, _ = s1_db(row["file"], grid, params["s1_input_scale"], row["file"])
+    return {"date": row["date"], "before": raw, "after": converted[0]}
+
+
+def s2_harmonisation_example(manifest: pd.DataFrame, parent: str, params: Mapping) -> dict | None:
+    """B04 of the parent's first scene that needs the +1000 offset, before and after, or None if none does."""
+    rows = manifest[(manifest["parent_id"] == parent) & (manifest["modality"] == "S2L2A")]
+    old = rows[[needs_offset(d, b) for d, b in zip(rows["date"], rows["processing_baseline"])]]
+    if old.empty:
+        return None
+    date = sorted(old["date"])[0]
+    grid = reference_grid(rows)
+    before, _ = s2_stack(rows[rows["date"] == date], grid, harmonize=False)
+    after, _ = s2_stack(rows[rows["date"] == date], grid, harmonize=params["s2_harmonize"])
+    return {"date": date, "before": before[3], "after": after[3]}
+
+
+def ensure_sources(params: Mapping, log: Callable[[str], None] = print) -> Path:
+    """The sources manifest of ``params``; synthetic sources are generated there first when asked for."""
+    from nycdata.params import resolve_path
+
+    manifest = resolve_path(params["sources_manifest"])
+    if params["synthetic_sources"] and not manifest.is_file():
+        from nycdata.synthetic_sources import SyntheticSourcesConfig, make_sources
+
+        make_sources(manifest.parent, SyntheticSourcesConfig(seed=params["fixture_seed"]))
+        log(f"generated synthetic sources at {manifest.parent}")
+    if not manifest.is_file():
+        raise SourceError(f"sources manifest {manifest} not found: fetch the sources first "
+                          "(`python -m nycdata fetch majortom DIR` and `... fetch worldcover DIR`, see README)")
+    return manifest

@@ -315,7 +315,7 @@ def _retry(fn: Callable[[], Any], what: str, *, retries: int = 5, backoff: float
                 log(f"  {what}: attempt {attempt + 1}/{retries + 1} failed ({detail}); retrying in {delay:g} s")
             sleep(delay)
     detail = last.detail if isinstance(last, _Transient) else f"{type(last).__name__}: {last}"
-    if False:
+    if all(k == "connection" for k in kinds):
         raise OfflineError(f"could not reach {what} after {len(kinds)} attempts (last: {detail}); this machine "
                            f"appears to be offline. {OFFLINE_HINT}") from last
     raise DownloadError(f"{what}: gave up after {len(kinds)} attempts (last: {detail})") from last

@@ -175,3 +175,20 @@ def gain_vs_agreement(points: pd.DataFrame):
     ax.set_title("does TiM help where its thought is right?")
     fig.tight_layout()
     return fig
+
+
+def before_after(before: np.ndarray, after: np.ndarray, titles: tuple[str, str], suptitle: str):
+    """Two images and their value histograms: what a fix did to the data."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, image, title in zip(axes[:2], (before, after), titles):
+        shown = ax.imshow(image, cmap="gray")
+        fig.colorbar(shown, ax=ax, shrink=0.8)
+        ax.set_title(title)
+        ax.axis("off")
+    for image, title in zip((before, after), titles):
+        axes[2].hist(image[np.isfinite(image)].ravel(), bins=60, alpha=0.6, label=title)
+    axes[2].legend(fontsize=8)
+    axes[2].set_title("values")
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig

@@ -128,3 +128,17 @@ def test_misspelt_parameter_fails_loudly(run, tmp_path):
     params = yaml.safe_load((run / "params.yaml").read_text())
     with pytest.raises(papermill.PapermillExecutionError, match="did you mean 'variant'"):
         execute_notebook("03_finetune", tmp_path, {**params, "varaint": "tim"})
+
+
+def test_00_builds_from_synthetic_sources_that_01_then_reads(tmp_path):
+    """Sources that are not the tests' own (the package's generator), built by notebook 00, read by notebook 01."""
+    params = {**yaml.safe_load((NOTEBOOK_DIR.parent / "params" / "fixture.yaml").read_text()),
+              "output_root": str(tmp_path / "out"), "run_name": "b", "sources_manifest": str(tmp_path / "src" / "sources.csv"),
+              "build_root": str(tmp_path / "built")}
+    execute_notebook("00_build_dataset", tmp_path / "nb", params)
+    summary = _json(tmp_path / "out" / "b" / "build_summary.json")
+    assert summary["n_chips"] == 73 and summary["n_parents"] == 3 and summary["dem_missing"] == 0
+    assert all("s1_db" in fixes and "s2_offset_" in fixes for fixes in summary["fixes"].values())
+    execute_notebook("01_load_data", tmp_path / "nb", {**params, "fixture": False, "data_root": str(tmp_path / "built")})
+    data = _json(tmp_path / "out" / "b" / "data_summary.json")
+    assert data["n_chips"] == 73 and data["chip_size"] == 32 and data["timesteps"] == 2
