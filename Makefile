@@ -6,7 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-from-lock
 
-.PHONY: test demo venv lock clean-outputs
+PARAMS ?= params/nyc.yaml
+
+.PHONY: test demo study venv lock clean-outputs
 
 venv: $(STAMP)
 
@@ -21,6 +23,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m nycdata run -f params/fixture.yaml -p run_name demo --overwrite
+
+# The variants x seeds grid of PARAMS; rerunning continues where it stopped.
+study: $(STAMP)
+	$(PY) -m nycdata study -f $(PARAMS)
 
 # Refresh the lock from the current .venv (after a deliberate dependency change).
 lock: $(STAMP)

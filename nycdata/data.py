@@ -56,9 +56,11 @@ class ChipDataset(Dataset):
     """One split of a chip dataset. Holds only paths and plain records, so it pickles to spawned workers."""
 
     def __init__(self, data_root: str | Path, split: str, modalities: Sequence[str] = chips.INPUT_MODALITIES,
-                 augment: str = "none", normalization: str = "terramind_v1", generated_root: str | Path | None = None):
+                 augment: str = "none", normalization: str = "terramind_v1", generated_root: str | Path | None = None,
+                 thought_cache: str | Path | None = None):
         self.data_root = Path(data_root)
         self.generated_root = Path(generated_root) if generated_root else None  # LULC made by nycdata.generated
+        self.thought_cache = Path(thought_cache) if thought_cache else None  # ids made by nycdata.thought_cache
         self.spec = chips.DatasetSpec.read(self.data_root)
         missing = [m for m in modalities if m not in self.spec.modalities]
         if missing:
@@ -88,11 +90,22 @@ class ChipDataset(Dataset):
 
             image["LULC"] = read_generated(self.generated_root, record["chip_id"], self.spec.timesteps)
         mask = torch.from_numpy(arrays[self.spec.label][0].astype(np.int64))
-        if self.augment == "d4":
-            k = int(torch.randint(D4_TRANSFORMS, (1,)))
+        k = int(torch.randint(D4_TRANSFORMS, (1,))) if self.augment == "d4" else 0
+        if k:
             image = {m: d4_transform(x, k) for m, x in image.items()}
             mask = d4_transform(mask, k)
+        if self.thought_cache is not None:  # thoughts were generated from the transformed image, not transformed after
+            from nycdata.thought_cache import THOUGHTS_KEY, read_thoughts
+
+            samples = self._thought_samples()
+            sample = int(torch.randint(samples, (1,))) if self.augment == "d4" else 0
+            image[THOUGHTS_KEY] = read_thoughts(self.thought_cache, record["chip_id"], k, sample)
         return {"image": image, "mask": mask, "filename": record["chip_id"]}
+
+    def _thought_samples(self) -> int:
+        import json
+
+        return json.loads((self.thought_cache / "cache.json").read_text())["samples"]
 
     def _to_tensor(self, modality: str, array: np.ndarray) -> torch.Tensor:
         """(T*C or C, H, W) on disk -> normalised (C, T, H, W) float32."""
@@ -123,7 +136,8 @@ class NYCDataModule(pl.LightningDataModule):
 
     def __init__(self, data_root: str, modalities: Sequence[str] = chips.INPUT_MODALITIES, batch_size: int = 8,
                  num_workers: int = 0, augment: str = "d4", normalization: str = "terramind_v1",
-                 pin_memory: bool = False, multiprocessing_context: str | None = None, generated_root: str | None = None):
+                 pin_memory: bool = False, multiprocessing_context: str | None = None, generated_root: str | None = None,
+                 thought_cache: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.datasets: dict[str, ChipDataset] = {}
@@ -146,7 +160,7 @@ class NYCDataModule(pl.LightningDataModule):
             if split not in self.datasets:
                 augment = hp.augment if split == "train" else "none"
                 self.datasets[split] = ChipDataset(hp.data_root, split, hp.modalities, augment, hp.normalization,
-                                                   hp.generated_root)
+                                                   hp.generated_root, hp.thought_cache)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()

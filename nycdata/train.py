@@ -42,13 +42,18 @@ class NYCSegmentationTask(SemanticSegmentationTask):
     generator and its tokenizer (~184 M parameters) would sit in its param groups.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, cached_thoughts: bool = False, **kwargs):
         # Lightning re-feeds every saved hyperparameter when loading a checkpoint, and terratorch records ``task``,
         # which its __init__ does not take. (The plain ``super().__init__(*args, **kwargs)`` lets the terratorch
         # CLI read the parent's signature.)
         kwargs.pop("task", None)
         super().__init__(*args, **kwargs)
+        self.hparams["cached_thoughts"] = cached_thoughts
         freeze_unused_tokenizer(self.model)  # here, so the terratorch CLI path freezes it too
+        if cached_thoughts:
+            from nycdata.thought_cache import use_cached_thoughts
+
+            use_cached_thoughts(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Leave TiM's tokenizer out: never trained, never used in forward, rebuilt when the task is built."""
@@ -77,7 +82,7 @@ def task_kwargs(params: Mapping, variant: Variant) -> dict:
         lr=float(params["lr"]), optimizer="AdamW", optimizer_hparams={"weight_decay": float(params["weight_decay"])},
         scheduler="ReduceLROnPlateau",
         scheduler_hparams={"factor": float(params["lr_factor"]), "patience": params["lr_patience"]},
-        freeze_backbone=False, plot_on_val=False,
+        freeze_backbone=False, plot_on_val=False, cached_thoughts=variant.cached,
     )
 
 
@@ -94,11 +99,13 @@ def build_task(params: Mapping, variant: Variant) -> NYCSegmentationTask:
     random_warning = check_generator(params, variant)
     try:
         task = NYCSegmentationTask(**task_kwargs(params, variant))
-        source = weights.generator_source(params) if variant.is_tim else None
+        source = weights.generator_source(params) if variant.is_tim and not variant.cached else None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as err:
         raise weights.offline_error(params, variant, err) from err
     task.generator_report = None
-    if variant.is_tim:  # tim_input's generator is separate: nycdata.generated checks pretrained/allow flags
+    if variant.cached:  # no generator in this model: nycdata.thought_cache verified it when caching
+        task.generator_report = {"tensors": 0, "verified": 0, "source": "thought cache", "warning": random_warning}
+    elif variant.is_tim:  # tim_input's generator is separate: nycdata.generated checks pretrained/allow flags
         verified = weights.verify_generator(task.model, source) if source else 0
         task.generator_report = {"tensors": generator_tensor_count(task.model), "verified": verified,
                                  "source": source or "random initialisation", "warning": random_warning}
@@ -145,12 +152,17 @@ def variant_datamodule(params: Mapping, variant: Variant, log: Callable[[str], N
     """The DataModule a variant reads: its own inputs, plus generated LULC for ``tim_input`` (generated on first use)."""
     from nycdata.data import NYCDataModule
 
-    generated = None
+    generated = cache = None
     if variant.generated:
         from nycdata.generated import generate_lulc
 
         generated = str(generate_lulc(params, variant, log))
-    return NYCDataModule.from_params({**params, "modalities": list(variant.modalities)}, generated_root=generated, **overrides)
+    if variant.cached:
+        from nycdata.thought_cache import cache_thoughts
+
+        cache = str(cache_thoughts(params, variant, log))
+    return NYCDataModule.from_params({**params, "modalities": list(variant.modalities)}, generated_root=generated,
+                                     thought_cache=cache, **overrides)
 
 
 def seed_run_dir(params: Mapping, variant: str, seed: int) -> Path:

@@ -24,6 +24,12 @@ class Variant:
     thoughts: tuple[str, ...]  # TiM modalities; empty for a plain backbone
     description: str
     generated: tuple[str, ...] = ()  # inputs generated once by TerraMind's generate model (see nycdata.generated)
+    cached: bool = False  # reads thoughts cached once per chip x D4 transform (see nycdata.thought_cache)
+
+    @property
+    def online(self) -> str:
+        """The TiM variant whose generator thinks the thoughts a cached variant reads."""
+        return self.name.removesuffix("_cached")
 
     @property
     def is_tim(self) -> bool:
@@ -47,11 +53,15 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("tim_s1", S1_INPUTS, ("LULC",), "radar + DEM only, thinks LULC: where TiM should help most"),
     Variant("tim_input", INPUT_MODALITIES, (), "the seed's fallback: LULC generated once by TerraMind, read as a 4th input",
             generated=("LULC",)),
+    Variant("tim_cached", INPUT_MODALITIES, ("LULC",), "tim reading thoughts cached once per chip and D4 transform", cached=True),
+    Variant("tim_ndvi_cached", INPUT_MODALITIES, ("NDVI",), "tim_ndvi with cached thoughts", cached=True),
+    Variant("tim_s1_cached", S1_INPUTS, ("LULC",), "tim_s1 with cached thoughts", cached=True),
 )}
 
 # The comparison each TiM variant answers: (TiM variant, its baseline).
 COMPARISONS: tuple[tuple[str, str], ...] = (("tim", "baseline"), ("tim_ndvi", "baseline"), ("tim_s1", "baseline_s1"),
-                                             ("tim_input", "baseline"))
+                                             ("tim_input", "baseline"), ("tim_cached", "baseline"),
+                                             ("tim_ndvi_cached", "baseline"), ("tim_s1_cached", "baseline_s1"))
 
 
 def get_variant(name: str) -> Variant:

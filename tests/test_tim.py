@@ -33,12 +33,18 @@ def _batch(modalities, seed=0):
     return {m: torch.randn(B, channels[m], T, SIZE, SIZE, generator=g) for m in modalities}
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+# the other *_cached variants differ from tim_cached only in their table row
+@pytest.mark.parametrize("name", [v for v in VARIANTS if not v.endswith("_cached") or v == "tim_cached"])
 def test_every_variant_builds_and_trains_one_step(params, name):
     variant = get_variant(name)
     task = build_task(params, variant)
     assert variant_model_args(params, variant)["backbone_modalities"] == list(variant.backbone_modalities)
-    logits = task.model(_batch(variant.backbone_modalities)).output
+    x = _batch(variant.backbone_modalities)
+    if variant.cached:
+        from nycdata.thought_cache import THOUGHTS_KEY, tokens_to_map
+
+        x[THOUGHTS_KEY] = tokens_to_map(torch.randint(0, 4000, (B, 1, T, SIZE // 16, SIZE // 16)))
+    logits = task.model(x).output
     assert logits.shape == (B, NUM_CLASSES, SIZE, SIZE)
     torch.nn.functional.cross_entropy(logits, torch.randint(0, NUM_CLASSES, (B, SIZE, SIZE))).backward()
     assert task.model.head.head[-1].weight.grad.abs().sum() > 0
