@@ -122,6 +122,17 @@ def cmd_synthetic_sources(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from nycdata.bench import markdown, run_bench, write_bench
+
+    params = _params(args)
+    result = run_bench(params, device=args.device, warmup=args.warmup, repeats=args.repeats, log=_log)
+    paths = write_bench(params, result)
+    _log(markdown(result))
+    _log(f"bench: wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
 def _add_params_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--params-file", action="append", default=[], help="params YAML (repeatable; later wins)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), help="override one parameter")
@@ -181,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("publish", help="upload the model card (+ TiM checkpoint if the gate says so); dry run by default")
     _add_params_options(p)
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("bench", help="time train steps (baseline, tim, tim_cached), inference, thought caching, loader")
+    _add_params_options(p)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export-config", help="print a LightningCLI config for `terratorch fit --config`")
     _add_params_options(p)

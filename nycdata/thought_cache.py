@@ -78,9 +78,8 @@ def cache_root(params: Mapping, variant) -> Path:
 
 def cache_thoughts(params: Mapping, variant, log: Callable[[str], None] = print) -> Path:
     """Generate (once) the thoughts a ``*_cached`` variant reads; the generator is freed afterwards."""
-    from nycdata.data import D4_TRANSFORMS, ChipDataset, d4_transform
-    from nycdata.tim import capture_thoughts
-    from nycdata.train import build_task, seed_everything
+    from nycdata.data import D4_TRANSFORMS, ChipDataset
+    from nycdata.train import build_task
     from nycdata.variants import get_variant
 
     root = cache_root(params, variant)
@@ -97,15 +96,7 @@ def cache_thoughts(params: Mapping, variant, log: Callable[[str], None] = print)
             transforms = range(D4_TRANSFORMS) if split == "train" else range(1)
             for i in range(len(dataset)):
                 sample = dataset[i]
-                ids = np.zeros((D4_TRANSFORMS, samples, dataset.spec.timesteps, *_token_grid(sample)), np.int16)
-                for k in transforms:
-                    image = {m: d4_transform(x, k)[None] for m, x in sample["image"].items()}
-                    for s in range(samples):
-                        seed_everything(params["seed"] + 1000 * s + k)
-                        with capture_thoughts(task.model) as capture:
-                            task.model.encoder(image)
-                        ids[k, s] = capture.grid(online.thoughts[0], 1)[0].numpy()
-                np.save(tmp / f"{sample['filename']}.npy", ids)
+                np.save(tmp / f"{sample['filename']}.npy", think_chip(task, sample, transforms, samples, params["seed"]))
                 n_chips += 1
         seconds = time.monotonic() - started
         write_json(tmp / DONE_FILE, {"variant": online.name, "samples": samples, "chips": n_chips,
@@ -113,6 +104,27 @@ def cache_thoughts(params: Mapping, variant, log: Callable[[str], None] = print)
     del task  # the generator is only needed for this pass
     log(f"cached thoughts of {n_chips} chips in {seconds:.0f} s into {root}")
     return root
+
+
+@torch.no_grad()
+def think_chip(task, sample: dict, transforms, samples: int, seed: int) -> np.ndarray:
+    """Thought ids ``[8, samples, T, h, w]`` of one chip for the given D4 transforms (others stay 0)."""
+    from nycdata.data import D4_TRANSFORMS, d4_transform
+    from nycdata.tim import capture_thoughts, tim_backbone
+    from nycdata.train import seed_everything
+
+    device = next(task.model.parameters()).device
+    modality = tim_backbone(task.model).tim_modalities[0]
+    timesteps = next(iter(sample["image"].values())).shape[1]
+    ids = np.zeros((D4_TRANSFORMS, samples, timesteps, *_token_grid(sample)), np.int16)
+    for k in transforms:
+        image = {m: d4_transform(x, k)[None].to(device) for m, x in sample["image"].items()}
+        for s in range(samples):
+            seed_everything(seed + 1000 * s + k)
+            with capture_thoughts(task.model) as capture:
+                task.model.encoder(image)
+            ids[k, s] = capture.grid(modality, 1)[0].cpu().numpy()
+    return ids
 
 
 def _token_grid(sample: dict) -> tuple[int, int]:

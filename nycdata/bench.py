@@ -1,0 +1,168 @@
+"""``python -m nycdata bench``: what decides how long the study takes, measured in one process on the same inputs.
+
+Per variant (``baseline``, online ``tim``, ``tim_cached``): median train-step time (forward, backward, AdamW
+step) after warm-up, inference time per chip, peak memory; plus thought-caching time per chip and data-loader
+throughput reading real chip files with the configured workers. Peak memory is CUDA's max allocated on a GPU;
+on the CPU it is the growth of the process's resident set while the variant ran (approximate).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Callable, Mapping
+
+import torch
+
+from nycdata.io import write_json
+from nycdata.params import resolve_path
+
+VARIANTS = ("baseline", "tim", "tim_cached")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _median_seconds(fn, device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _inputs(batch: dict, variant, device: str) -> dict:
+    from nycdata.thought_cache import THOUGHTS_KEY, tokens_to_map
+
+    x = {m: v.to(device) for m, v in batch["image"].items() if m in variant.modalities}
+    if variant.cached:  # ids in the vocabulary's range: timing does not depend on their values
+        B, _, T, H, W = next(iter(x.values())).shape
+        x[THOUGHTS_KEY] = tokens_to_map(torch.randint(0, 4000, (B, 1, T, H // 16, W // 16))).to(device)
+    return x
+
+
+def bench_variant(params: Mapping, name: str, batch: dict, device: str, warmup: int, repeats: int) -> dict:
+    from nycdata.train import build_task
+    from nycdata.variants import get_variant
+
+    variant = get_variant(name)
+    rss_before = _rss_mb()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    task = build_task(params, variant).to(device)
+    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-5)
+    x, y = _inputs(batch, variant, device), batch["mask"].to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=str(params["precision"]).startswith("bf16"))
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(task.model(dict(x)).output, y, ignore_index=255)
+        loss.backward()
+        optimizer.step()
+
+    def infer():
+        with torch.no_grad(), autocast:
+            task.model(dict(x))
+
+    task.train()
+    train_s = _median_seconds(train_step, device, warmup, repeats)
+    task.eval()
+    infer_s = _median_seconds(infer, device, warmup, repeats)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_mb() - rss_before
+    del task, optimizer
+    return {"train_step_s": train_s, "infer_s_per_chip": infer_s / len(y), "peak_mem_mb": peak}
+
+
+def bench_loader(params: Mapping, min_seconds: float = 2.0) -> float:
+    """Chips per second the train loader delivers (D4, configured workers), reading chip files from disk."""
+    from nycdata.data import NYCDataModule
+
+    loader = NYCDataModule.from_params(params, pin_memory=torch.cuda.is_available()).train_dataloader()
+    chips, started = 0, time.perf_counter()
+    while time.perf_counter() - started < min_seconds:
+        for batch in loader:
+            chips += len(batch["filename"])
+    return chips / (time.perf_counter() - started)
+
+
+def bench_thought_cache(params: Mapping, device: str, n_chips: int = 2) -> float:
+    """Seconds per training chip to think all 8 D4 transforms x ``thought_samples`` (the caching pass)."""
+    from nycdata.data import ChipDataset
+    from nycdata.thought_cache import think_chip
+    from nycdata.train import build_task
+    from nycdata.variants import get_variant
+
+    task = build_task(params, get_variant("tim")).to(device).eval()
+    dataset = ChipDataset(resolve_path(params["data_root"]), "train", get_variant("tim").modalities)
+    think_chip(task, dataset[0], range(1), 1, params["seed"])  # warm-up
+    _sync(device)
+    started = time.perf_counter()
+    for i in range(min(n_chips, len(dataset))):
+        think_chip(task, dataset[i], range(8), params["thought_samples"], params["seed"])
+    _sync(device)
+    return (time.perf_counter() - started) / min(n_chips, len(dataset))
+
+
+def run_bench(params: Mapping, device: str = "cpu", warmup: int = 2, repeats: int = 5,
+              log: Callable[[str], None] = print) -> dict:
+    from nycdata.data import NYCDataModule
+    from nycdata.pipeline import prepare_dataset
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is visible")
+        torch.backends.cudnn.benchmark = True
+    prepare_dataset(params, log, validate=False)
+    batch = next(iter(NYCDataModule.from_params(params, num_workers=0, augment="none").train_dataloader()))
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+              "torch_threads": torch.get_num_threads(), "model_size": params["model_size"], "batch_size": len(batch["mask"]),
+              "chip_size": int(batch["mask"].shape[-1]), "timesteps": params["timesteps"], "precision": params["precision"],
+              "variants": {}}
+    for name in VARIANTS:
+        result["variants"][name] = bench_variant(params, name, batch, device, warmup, repeats)
+        log(f"{name}: {result['variants'][name]}")
+    v = result["variants"]
+    result["tim_over_baseline"] = v["tim"]["train_step_s"] / v["baseline"]["train_step_s"]
+    result["tim_cached_over_baseline"] = v["tim_cached"]["train_step_s"] / v["baseline"]["train_step_s"]
+    result["thought_cache_s_per_chip"] = bench_thought_cache(params, device)
+    result["loader_chips_per_s"] = bench_loader(params)
+    result["gpu_chips_per_s_baseline"] = result["batch_size"] / v["baseline"]["train_step_s"]
+    result["loader_over_consumption"] = result["loader_chips_per_s"] / result["gpu_chips_per_s_baseline"]
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Device: {result['device']} ({result['torch_threads']} torch threads); terramind_v1_{result['model_size']}, "
+             f"batch {result['batch_size']} x {result['timesteps']} timesteps x {result['chip_size']} px, {result['precision']}.", "",
+             "| variant | train step (s) | vs baseline | inference (s/chip) | peak memory (MB) |", "|---|---|---|---|---|"]
+    base = result["variants"]["baseline"]["train_step_s"]
+    for name, v in result["variants"].items():
+        lines.append(f"| {name} | {v['train_step_s']:.3f} | {v['train_step_s'] / base:.2f}x | {v['infer_s_per_chip']:.4f} | "
+                     f"{v['peak_mem_mb']:.0f} |")
+    lines += ["", f"Thought caching: {result['thought_cache_s_per_chip']:.2f} s per training chip (8 D4 transforms). "
+              f"Data loader: {result['loader_chips_per_s']:.1f} chips/s = {result['loader_over_consumption']:.1f}x what "
+              "baseline training consumes."]
+    return "\n".join(lines)
+
+
+def write_bench(params: Mapping, result: dict) -> tuple:
+    root = resolve_path(params["output_root"]) / params["run_name"]
+    path = write_json(root / "bench.json", result)
+    table = root / "bench.md"
+    table.write_text(markdown(result) + "\n")
+    return path, table
