@@ -127,7 +127,7 @@ def test_misspelt_parameter_fails_loudly(run, tmp_path):
 
     params = yaml.safe_load((run / "params.yaml").read_text())
     with pytest.raises(papermill.PapermillExecutionError, match="did you mean 'variant'"):
-        execute_notebook("03_finetune", tmp_path, {**params, "varaint": "tim"})
+        execute_notebook("01_load_data", tmp_path, {**params, "varaint": "tim"})
 
 
 def test_00_builds_from_synthetic_sources_that_01_then_reads(tmp_path):

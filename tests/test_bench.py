@@ -1,0 +1,22 @@
+"""`python -m nycdata bench` writes bench.json with every number the performance issue asks for."""
+
+import json
+
+from nycdata.__main__ import main
+from nycdata.bench import VARIANTS
+from nycdata.params import PARAMS_DIR
+
+
+def test_bench_writes_every_number(tmp_path, capsys):
+    args = ["bench", "-f", str(PARAMS_DIR / "fixture.yaml"), "--device", "cpu", "--warmup", "0", "--repeats", "1",
+            "-p", "data_root", str(tmp_path / "data"), "-p", "output_root", str(tmp_path / "out"), "-p", "run_name", "b",
+            "-p", "fixture_size", "32", "-p", "fixture_chips", "9"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "out" / "b" / "bench.json").read_text())
+    assert set(result["variants"]) == set(VARIANTS)
+    for numbers in result["variants"].values():
+        assert numbers["train_step_s"] > 0 and numbers["infer_s_per_chip"] > 0 and "peak_mem_mb" in numbers
+    assert result["loader_chips_per_s"] > 0 and result["thought_cache_s_per_chip"] > 0
+    assert result["tim_cached_over_baseline"] == result["variants"]["tim_cached"]["train_step_s"] / result["variants"]["baseline"]["train_step_s"]
+    table = (tmp_path / "out" / "b" / "bench.md").read_text()
+    assert "| tim_cached |" in table and "chips/s" in table and "| tim_cached |" in capsys.readouterr().out
