@@ -1,4 +1,4 @@
-"""Command line: ``python -m nycdata {fixture,validate,run,export-config,download-weights} ...`` (``--help`` on each)."""
+"""Command line of the reproduction package: ``python -m nycdata COMMAND --help`` for each command."""
 
 from __future__ import annotations
 
@@ -138,6 +138,14 @@ def _add_params_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), help="override one parameter")
 
 
+def _params_command(sub, name: str, help_text: str, func) -> argparse.ArgumentParser:
+    """A subcommand driven by params files (``-f``) and overrides (``-p NAME VALUE``)."""
+    p = sub.add_parser(name, help=help_text)
+    _add_params_options(p)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nycdata", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,37 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synthetic_sources)
 
-    p = sub.add_parser("run", help="run the notebook chain for a params file into output_root/run_name")
-    _add_params_options(p)
+    p = _params_command(sub, "run", "run the notebook chain for a params file into output_root/run_name", cmd_run)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder instead of failing")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("study", help="run or continue the variants x seeds grid: finished cells are skipped")
-    _add_params_options(p)
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("supplement", help="pack the run's supplementary material (folder + zip) with its model card")
-    _add_params_options(p)
-    p.set_defaults(func=cmd_supplement)
-
-    p = sub.add_parser("publish", help="upload the model card (+ TiM checkpoint if the gate says so); dry run by default")
-    _add_params_options(p)
-    p.set_defaults(func=cmd_publish)
-
-    p = sub.add_parser("bench", help="time train steps (baseline, tim, tim_cached), inference, thought caching, loader")
-    _add_params_options(p)
+    p = _params_command(sub, "bench", "time train steps (baseline, tim, tim_cached), inference, thought caching, loader",
+                        cmd_bench)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default 5)")
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("export-config", help="print a LightningCLI config for `terratorch fit --config`")
-    _add_params_options(p)
-    p.set_defaults(func=cmd_export_config)
-
-    p = sub.add_parser("download-weights", help="fetch the TerraMind files a variant needs into the Hugging Face cache")
-    _add_params_options(p)
-    p.set_defaults(func=cmd_download_weights)
+    for name, help_text, func in (
+        ("study", "run or continue the variants x seeds grid: finished cells are skipped", cmd_run),
+        ("supplement", "pack the run's supplementary material (folder + zip) with its model card", cmd_supplement),
+        ("publish", "upload the model card (+ TiM checkpoint if the gate says so); dry run by default", cmd_publish),
+        ("export-config", "print a LightningCLI config for `terratorch fit --config`", cmd_export_config),
+        ("download-weights", "fetch the TerraMind files a variant needs into the Hugging Face cache", cmd_download_weights),
+    ):
+        _params_command(sub, name, help_text, func)
     return parser
 
 
