@@ -18,6 +18,18 @@ from nycdata.params import load_params, resolve_path
 def notebook_params(namespace: dict, before: set[str]) -> dict:
     """Defaults from params/nyc.yaml overridden by the notebook's parameter cells; unknown names fail.
 
+    Warns visibly when these parameters let TiM think with random generator weights.
+    """
+    params = _collect(namespace, before)
+    if params["allow_random_generator"] and not params["pretrained"]:
+        warn("pretrained=false with allow_random_generator=true: every TiM thought in this run comes from a RANDOM "
+             "generator and is noise; results test the pipeline, not TiM.")
+    return params
+
+
+def _collect(namespace: dict, before: set[str]) -> dict:
+    """The names defined after ``before`` was taken, checked and merged over the defaults.
+
     The names are fixed the first time this runs, so re-running the cell in
     JupyterLab after later cells defined more variables still works.
     """

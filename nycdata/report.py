@@ -43,8 +43,9 @@ def markdown_comparison(comparison: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, c in comparison.items():
         lo, hi = c["ci95_pp"]
+        ci = f"[{lo:+.2f}, {hi:+.2f}]" if lo == lo else f"none ({c['n_parents']} test parent)"  # NaN: too few parents
         lines.append(f"| {name} | {c['n_seeds']} | {c['n_test_chips']} ({c['n_parents']}) | {c['delta_miou_pp']:+.2f} | "
-                     f"[{lo:+.2f}, {hi:+.2f}] | {c['seed_std_pp']:.2f} | {'yes' if c['ci_excludes_zero'] else 'no'} | "
+                     f"{ci} | {c['seed_std_pp']:.2f} | {'yes' if c['ci_excludes_zero'] else 'no'} | "
                      f"{c['verdict']} | {'yes' if c['publish'] else 'no'} |")
     return "\n".join(lines)
 

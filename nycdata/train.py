@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 
 import lightning.pytorch as pl
 import pandas as pd
+import torch
 from terratorch.tasks import SemanticSegmentationTask
 
 from nycdata.classes import CLASS_NAMES, IGNORE_INDEX
@@ -196,6 +197,7 @@ def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = No
         log(f"{run_dir} already finished; nothing to resume")
         return json.loads((run_dir / SUMMARY_FILE).read_text())
     datamodule = variant_datamodule(params, variant, log)
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
     seed_everything(seed)
     task = build_task({**params, "variant": variant.name}, variant)
     trainer = make_trainer(params, run_dir, log, callbacks)
