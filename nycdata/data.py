@@ -24,6 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from nycdata import chips
+from nycdata.generated import read_generated
+from nycdata.thought_cache import THOUGHTS_KEY, cached_sample_count, read_thoughts
 from nycdata.validate import read_chip
 
 # TerraMind v1 pretraining statistics (S1RTC in dB, DEM in metres).
@@ -61,6 +63,7 @@ class ChipDataset(Dataset):
         self.data_root = Path(data_root)
         self.generated_root = Path(generated_root) if generated_root else None  # LULC made by nycdata.generated
         self.thought_cache = Path(thought_cache) if thought_cache else None  # ids made by nycdata.thought_cache
+        self.thought_samples = cached_sample_count(self.thought_cache) if self.thought_cache else 0
         self.spec = chips.DatasetSpec.read(self.data_root)
         missing = [m for m in modalities if m not in self.spec.modalities]
         if missing:
@@ -86,8 +89,6 @@ class ChipDataset(Dataset):
         arrays = read_chip(self.data_root, self.spec, record, (*self.modalities, self.spec.label))
         image = {m: self._to_tensor(m, arrays[m]) for m in self.modalities}
         if self.generated_root is not None:
-            from nycdata.generated import read_generated
-
             image["LULC"] = read_generated(self.generated_root, record["chip_id"], self.spec.timesteps)
         mask = torch.from_numpy(arrays[self.spec.label][0].astype(np.int64))
         k = int(torch.randint(D4_TRANSFORMS, (1,))) if self.augment == "d4" else 0
@@ -95,17 +96,9 @@ class ChipDataset(Dataset):
             image = {m: d4_transform(x, k) for m, x in image.items()}
             mask = d4_transform(mask, k)
         if self.thought_cache is not None:  # thoughts were generated from the transformed image, not transformed after
-            from nycdata.thought_cache import THOUGHTS_KEY, read_thoughts
-
-            samples = self._thought_samples()
-            sample = int(torch.randint(samples, (1,))) if self.augment == "d4" else 0
+            sample = int(torch.randint(self.thought_samples, (1,))) if self.augment == "d4" else 0
             image[THOUGHTS_KEY] = read_thoughts(self.thought_cache, record["chip_id"], k, sample)
         return {"image": image, "mask": mask, "filename": record["chip_id"]}
-
-    def _thought_samples(self) -> int:
-        import json
-
-        return json.loads((self.thought_cache / "cache.json").read_text())["samples"]
 
     def _to_tensor(self, modality: str, array: np.ndarray) -> torch.Tensor:
         """(T*C or C, H, W) on disk -> normalised (C, T, H, W) float32."""

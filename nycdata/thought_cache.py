@@ -132,6 +132,16 @@ def _token_grid(sample: dict) -> tuple[int, int]:
     return height // 16, width // 16
 
 
+def cached_sample_count(root: Path) -> int:
+    """Thought samples per chip and transform in a finished cache."""
+    import json
+
+    done = Path(root) / DONE_FILE
+    if not done.is_file():
+        raise FileNotFoundError(f"{done} missing: the thought cache at {root} is unfinished; delete it to regenerate")
+    return json.loads(done.read_text())["samples"]
+
+
 def read_thoughts(root: Path, chip: str, transform: int, sample: int) -> torch.Tensor:
     """Cached ids of one chip, D4 transform and thought sample, as the map ``[1, T, H, W]`` of :func:`tokens_to_map`."""
     path = Path(root) / f"{chip}.npy"
