@@ -365,7 +365,10 @@ def ensure_sources(params: Mapping, log: Callable[[str], None] = print) -> Path:
     if params["synthetic_sources"] and not manifest.is_file():
         from nycdata.synthetic_sources import SyntheticSourcesConfig, make_sources
 
-        make_sources(manifest.parent, SyntheticSourcesConfig(seed=params["fixture_seed"]))
+        # deliberately unlike tests/test_build.py's sources: stacked S2, smaller parents, projected DEM and labels
+        make_sources(manifest.parent, SyntheticSourcesConfig(
+            parents=4, parent_size_px=128, s2_layout="stacked", dem_crs="EPSG:32618", worldcover_crs="EPSG:32618",
+            seed=params["fixture_seed"]))
         log(f"generated synthetic sources at {manifest.parent}")
     if not manifest.is_file():
         raise SourceError(f"sources manifest {manifest} not found: fetch the sources first "

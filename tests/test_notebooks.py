@@ -137,8 +137,8 @@ def test_00_builds_from_synthetic_sources_that_01_then_reads(tmp_path):
               "build_root": str(tmp_path / "built")}
     execute_notebook("00_build_dataset", tmp_path / "nb", params)
     summary = _json(tmp_path / "out" / "b" / "build_summary.json")
-    assert summary["n_chips"] == 73 and summary["n_parents"] == 3 and summary["dem_missing"] == 0
+    assert summary["n_chips"] == 4 * 16 - 2 and summary["n_parents"] == 4 and summary["dem_missing"] == 0
     assert all("s1_db" in fixes and "s2_offset_" in fixes for fixes in summary["fixes"].values())
     execute_notebook("01_load_data", tmp_path / "nb", {**params, "fixture": False, "data_root": str(tmp_path / "built")})
     data = _json(tmp_path / "out" / "b" / "data_summary.json")
-    assert data["n_chips"] == 73 and data["chip_size"] == 32 and data["timesteps"] == 2
+    assert data["n_chips"] == 62 and data["chip_size"] == 32 and data["timesteps"] == 2
