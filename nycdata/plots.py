@@ -144,7 +144,7 @@ def forest(comparison: dict):
         ax.axvline(x, color="grey", linestyle=style, linewidth=1)
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("Δ mIoU (pp), TiM - baseline; lines: 0, publish (+1), strong (+2)")
-    ax.set_title("TiM effect with parent-grouped bootstrap 95 % CI")
+    ax.set_title("TiM effect, 95 % CI from a paired bootstrap over test parents and seeds (none: < 2 parents)", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -85,7 +85,7 @@ def write_summary(root: Path, params: dict, html_files: list[Path]) -> Path:
     figures = write_figures(root, per_chip, comparison) if comparison else []
     parts += ["## Test metrics (mean ± std over seeds)", "", markdown_results(results), "",
               "## TiM vs baseline (gate: strong > +2 pp, acceptable 0..+2 pp, negative < 0; publish if >= +1 pp)", "",
-              "95 % CI: paired bootstrap over test parents. A verdict whose CI includes 0 is not evidence of an effect.", "",
+              "95 % CI: paired bootstrap over test parents and seeds. A verdict whose CI includes 0 is not evidence of an effect.", "",
               markdown_comparison(comparison), "", *[f"![{f.stem}]({f.relative_to(root).as_posix()})" for f in figures],
               "", "## Notebooks", ""]
     parts += [f"- [{f.stem}]({f.relative_to(root).as_posix()})" for f in html_files]
