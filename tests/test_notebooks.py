@@ -142,3 +142,21 @@ def test_00_builds_from_synthetic_sources_that_01_then_reads(tmp_path):
     execute_notebook("01_load_data", tmp_path / "nb", {**params, "fixture": False, "data_root": str(tmp_path / "built")})
     data = _json(tmp_path / "out" / "b" / "data_summary.json")
     assert data["n_chips"] == 62 and data["chip_size"] == 32 and data["timesteps"] == 2
+
+
+def test_tim_evaluation_draws_k_thoughts_and_reports_their_spread(run, tmp_path):
+    import shutil
+
+    from nycdata.evaluate import FinishedRun, test_run
+    from nycdata.train import variant_datamodule
+    from nycdata.variants import get_variant
+
+    params = {**yaml.safe_load((run / "params.yaml").read_text()), "thought_samples": 3}
+    copy = tmp_path / "tim"
+    shutil.copytree(run / "tim" / "seed42", copy)
+    rows = test_run(FinishedRun("tim", 42, copy), params, variant_datamodule(params, get_variant("tim"), log=lambda m: None))
+    metrics = _json(copy / "test_metrics.json")
+    assert metrics["thought_samples"] == 3 and len(metrics["miou_per_thought_sample"]) == 3
+    assert metrics["thought_spread_pp"] >= 0 and 0 <= metrics["miou"] <= 1
+    single = _json(run / "tim" / "seed42" / "test_metrics.json")
+    assert rows.filter(like="cm_").to_numpy().sum() == 3 * sum(map(sum, single["confusion"])), "pixels of 3 thoughts pooled"
