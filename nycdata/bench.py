@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import torch
 
 from nycdata.io import write_json
-from nycdata.params import resolve_path
+from nycdata.params import resolve_path, run_root
 
 VARIANTS = ("baseline", "tim", "tim_cached")
 
@@ -161,7 +161,7 @@ def markdown(result: dict) -> str:
 
 
 def write_bench(params: Mapping, result: dict) -> tuple:
-    root = resolve_path(params["output_root"]) / params["run_name"]
+    root = run_root(params)
     path = write_json(root / "bench.json", result)
     table = root / "bench.md"
     table.write_text(markdown(result) + "\n")

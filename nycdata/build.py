@@ -30,10 +30,8 @@ from nycdata import chips
 from nycdata.classes import IGNORE_INDEX, class_counts, worldcover_to_class
 from nycdata.data import TERRAMIND_V1_STATS
 from nycdata.io import replace_dir_atomically
+from nycdata.sources import ALL_PARENTS, MANIFEST_COLUMNS, SOURCE_MODALITIES
 
-MANIFEST_COLUMNS = ("parent_id", "modality", "date", "band", "path", "cloud_cover", "processing_baseline", "product_id")
-SOURCE_MODALITIES = ("S2L2A", "S1RTC", "DEM", "WORLDCOVER")
-BANDS = {"S2L2A": chips.S2L2A_BANDS, "S1RTC": ("VV", "VH"), "DEM": ("DEM",), "WORLDCOVER": ("WORLDCOVER",)}
 OFFSET_BASELINE = "04.00"
 OFFSET_DATE = dt.date(2022, 1, 25)
 S2_OFFSET = 1000
@@ -239,7 +237,7 @@ def _dem(rows, manifest, parent, grid, params):
 
 
 def _labels(manifest, parent, grid) -> np.ndarray:
-    rows = manifest[(manifest["modality"] == "WORLDCOVER") & manifest["parent_id"].isin([parent, "*"])]
+    rows = manifest[(manifest["modality"] == "WORLDCOVER") & manifest["parent_id"].isin([parent, ALL_PARENTS])]
     if rows.empty:
         raise SourceError(f"parent {parent}: no WORLDCOVER row (for the parent or '*')")
     codes = _reproject(rows.iloc[0]["file"], grid, "nearest", dst_nodata=0)[0]
@@ -309,7 +307,7 @@ def build_dataset(manifest_path: Path, out_dir: Path, params: Mapping, overwrite
     from nycdata.validate import validate_dataset
 
     manifest = read_manifest(Path(manifest_path))
-    parents = sorted(p for p in set(manifest["parent_id"]) if p != "*")
+    parents = sorted(p for p in set(manifest["parent_id"]) if p != ALL_PARENTS)
     size = params["chip_size"]
     with replace_dir_atomically(Path(out_dir), overwrite=overwrite) as tmp:
         frames = []

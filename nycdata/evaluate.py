@@ -20,7 +20,7 @@ from nycdata import chips
 from nycdata.classes import CLASS_NAMES, NUM_CLASSES
 from nycdata.io import write_json
 from nycdata.metrics import CM_COLUMNS, metrics_from_confusion, per_chip_confusion
-from nycdata.params import resolve_path
+from nycdata.params import resolve_path, run_root
 from nycdata.train import SUMMARY_FILE, NYCSegmentationTask, seed_everything, variant_datamodule
 from nycdata.variants import COMPARISONS, get_variant
 
@@ -34,10 +34,6 @@ class FinishedRun:
     variant: str
     seed: int
     path: Path
-
-
-def run_root(params: Mapping) -> Path:
-    return resolve_path(params["output_root"]) / params["run_name"]
 
 
 def finished_runs(root: Path) -> list[FinishedRun]:

@@ -54,20 +54,15 @@ from urllib.parse import unquote
 
 import pandas as pd
 
+from nycdata.sources import ALL_PARENTS, MANIFEST_COLUMNS, MANIFEST_FILE, MODALITY_BANDS, NYC_BBOX, SOURCE_MODALITIES
+
 Log = Callable[[str], None]
 
-NYC_BBOX: tuple[float, float, float, float] = (-74.30, 40.45, -73.65, 40.95)  # lon_min, lat_min, lon_max, lat_max
-
-MANIFEST_NAME = "sources.csv"
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "parent_id", "modality", "date", "band", "path", "cloud_cover", "processing_baseline", "product_id")
+MANIFEST_NAME = MANIFEST_FILE
 MANIFEST_KEY: tuple[str, ...] = ("parent_id", "modality", "date", "band")
-ALL_PARENTS = "*"
-
-S2_BANDS: tuple[str, ...] = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
-S1_BANDS: tuple[str, ...] = ("VV", "VH")
-MODALITY_BANDS: dict[str, tuple[str, ...]] = {"S2L2A": S2_BANDS, "S1RTC": S1_BANDS, "DEM": ("DEM",), "WORLDCOVER": ()}
-MODALITIES: tuple[str, ...] = tuple(MODALITY_BANDS)
+S2_BANDS: tuple[str, ...] = MODALITY_BANDS["S2L2A"]
+S1_BANDS: tuple[str, ...] = MODALITY_BANDS["S1RTC"]
+MODALITIES: tuple[str, ...] = SOURCE_MODALITIES
 DATED_MODALITIES = ("S2L2A", "S1RTC")
 
 OFFLINE_HINT = ("Fetching needs internet: run the fetch on a connected machine, then copy the output folder "

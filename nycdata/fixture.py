@@ -20,8 +20,9 @@ import numpy as np
 from nycdata import chips
 from nycdata.classes import IGNORE_INDEX, NUM_CLASSES, class_counts
 from nycdata.io import replace_dir_atomically
+from nycdata.sources import NYC_BBOX
 
-NYC_BBOX_LONLAT = (-74.30, 40.45, -73.65, 40.95)
+NYC_BBOX_LONLAT = NYC_BBOX
 UTM_CRS = "EPSG:32618"
 PIXEL_SIZE_M = 10.0
 

@@ -18,7 +18,7 @@ import torch
 
 from nycdata import chips
 from nycdata.io import replace_dir_atomically, write_json
-from nycdata.params import resolve_path
+from nycdata.params import resolve_path, run_root
 
 GENERATED_DIR = "generated_lulc"
 DONE_FILE = "generation.json"
@@ -27,7 +27,7 @@ LULC_CLASSES = 10
 
 
 def generated_root(params: Mapping) -> Path:
-    return resolve_path(params["output_root"]) / params["run_name"] / GENERATED_DIR
+    return run_root(params) / GENERATED_DIR
 
 
 def generated_path(root: Path, chip: str) -> Path:

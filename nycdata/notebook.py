@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from nycdata.params import load_params, resolve_path
+from nycdata.params import load_params, run_root
 
 
 def notebook_params(namespace: dict, before: set[str]) -> dict:
@@ -42,7 +42,7 @@ def _collect(namespace: dict, before: set[str]) -> dict:
 
 def run_dir(params: Mapping) -> Path:
     """``output_root/run_name``, created when missing."""
-    path = resolve_path(params["output_root"]) / params["run_name"]
+    path = run_root(params)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -56,6 +56,11 @@ def resolve_path(value: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def run_root(params: Mapping[str, Any]) -> Path:
+    """The run folder ``output_root/run_name``: every result of a run lives below it."""
+    return resolve_path(params["output_root"]) / params["run_name"]
+
+
 def _merge(params: dict, new: Mapping[str, Any], source: str) -> None:
     check_known(new, source)
     for key, value in new.items():

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 import yaml
 
 from nycdata import chips
-from nycdata.params import resolve_path
+from nycdata.params import resolve_path, run_root
 
 
 def prepare_dataset(params: Mapping, log: Callable[[str], None] = print, validate: bool = True) -> Path:
@@ -116,7 +116,7 @@ def run_pipeline(params: Mapping, overwrite: bool = False, resume: bool = False,
     """
     from nycdata.report import write_summary
 
-    root = resolve_path(params["output_root"]) / params["run_name"]
+    root = run_root(params)
     steps = notebook_steps(params)  # unknown variants or bad seeds fail before anything runs
     if root.exists() and any(root.iterdir()) and not resume:
         if not overwrite:

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 import yaml
 
 from nycdata.io import replace_dir_atomically
-from nycdata.params import resolve_path
+from nycdata.params import run_root
 
 SUPPLEMENT_DIR = "supplement"
 CARD_FILE = "MODEL_CARD.md"
@@ -25,10 +25,6 @@ COPIED = ("summary.md", "results.csv", "comparison.json", "per_chip.csv", "data_
           "thoughts.json", "params.yaml")
 VERSIONED = ("torch", "terratorch", "torchgeo", "lightning", "torchmetrics", "rasterio", "geopandas", "numpy",
              "papermill", "huggingface_hub", "nycdata")
-
-
-def run_root(params: Mapping) -> Path:
-    return resolve_path(params["output_root"]) / params["run_name"]
 
 
 def package_versions() -> dict[str, str]:

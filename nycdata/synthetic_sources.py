@@ -81,9 +81,7 @@ from nycdata.fixture import (
 )
 from nycdata.io import replace_dir_atomically
 
-MANIFEST_FILE = "sources.csv"
-MANIFEST_COLUMNS = ("parent_id", "modality", "date", "band", "path", "cloud_cover", "processing_baseline", "product_id")
-ALL_PARENTS = "*"
+from nycdata.sources import ALL_PARENTS, MANIFEST_COLUMNS, MANIFEST_FILE  # noqa: E402  (re-exported for tests)
 WORLDCOVER_PATH = "worldcover/worldcover.tif"
 
 PIXEL_SIZE_M = 10.0

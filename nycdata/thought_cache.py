@@ -21,7 +21,7 @@ import torch
 
 from nycdata import chips
 from nycdata.io import replace_dir_atomically, write_json
-from nycdata.params import resolve_path
+from nycdata.params import resolve_path, run_root
 
 THOUGHTS_KEY = "THOUGHTS"
 PATCH = 16
@@ -73,7 +73,7 @@ def use_cached_thoughts(model: torch.nn.Module) -> None:
 
 
 def cache_root(params: Mapping, variant) -> Path:
-    return resolve_path(params["output_root"]) / params["run_name"] / CACHE_DIR / variant.online
+    return run_root(params) / CACHE_DIR / variant.online
 
 
 def cache_thoughts(params: Mapping, variant, log: Callable[[str], None] = print) -> Path:

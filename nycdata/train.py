@@ -21,7 +21,7 @@ from terratorch.tasks import SemanticSegmentationTask
 
 from nycdata.classes import CLASS_NAMES, IGNORE_INDEX
 from nycdata.io import write_json
-from nycdata.params import resolve_path
+from nycdata.params import run_root
 from nycdata.tim import check_generator, freeze_unused_tokenizer, generator_tensor_count, tim_backbone
 from nycdata.variants import Variant, get_variant, variant_model_args
 
@@ -167,7 +167,7 @@ def variant_datamodule(params: Mapping, variant: Variant, log: Callable[[str], N
 
 
 def seed_run_dir(params: Mapping, variant: str, seed: int) -> Path:
-    return resolve_path(params["output_root"]) / params["run_name"] / variant / f"seed{seed}"
+    return run_root(params) / variant / f"seed{seed}"
 
 
 def make_trainer(params: Mapping, run_dir: Path, log: Callable[[str], None], callbacks=()) -> pl.Trainer:

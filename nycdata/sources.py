@@ -1,0 +1,18 @@
+"""The sources manifest: the hand-off between fetching (:mod:`nycdata.fetch`) and building (:mod:`nycdata.build`).
+
+``sources.csv`` has one row per file: ``parent_id`` (``*`` = applies to every
+parent, e.g. one WorldCover mosaic), ``modality``, ``date`` (ISO; empty for
+DEM and WORLDCOVER), ``band`` (empty when the file holds all bands in the
+canonical order), ``path`` (relative to the manifest), and optional
+``cloud_cover``, ``processing_baseline``, ``product_id``.
+"""
+
+from nycdata.chips import S1RTC_BANDS, S2L2A_BANDS
+
+NYC_BBOX: tuple[float, float, float, float] = (-74.30, 40.45, -73.65, 40.95)  # lon_min, lat_min, lon_max, lat_max
+MANIFEST_FILE = "sources.csv"
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "parent_id", "modality", "date", "band", "path", "cloud_cover", "processing_baseline", "product_id")
+ALL_PARENTS = "*"
+MODALITY_BANDS: dict[str, tuple[str, ...]] = {"S2L2A": S2L2A_BANDS, "S1RTC": S1RTC_BANDS, "DEM": ("DEM",), "WORLDCOVER": ()}
+SOURCE_MODALITIES: tuple[str, ...] = tuple(MODALITY_BANDS)
