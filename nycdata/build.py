@@ -30,10 +30,8 @@ from nycdata import chips
 from nycdata.classes import IGNORE_INDEX, class_counts, worldcover_to_class
 from nycdata.data import TERRAMIND_V1_STATS
 from nycdata.io import replace_dir_atomically
-from nycdata.sources import ALL_PARENTS, MANIFEST_COLUMNS, SOURCE_MODALITIES
+from nycdata.sources import ALL_PARENTS, MANIFEST_COLUMNS, OFFSET_BASELINE, OFFSET_DATE, SOURCE_MODALITIES
 
-OFFSET_BASELINE = "04.00"
-OFFSET_DATE = dt.date(2022, 1, 25)
 S2_OFFSET = 1000
 
 

@@ -7,6 +7,8 @@ canonical order), ``path`` (relative to the manifest), and optional
 ``cloud_cover``, ``processing_baseline``, ``product_id``.
 """
 
+import datetime as dt
+
 from nycdata.chips import S1RTC_BANDS, S2L2A_BANDS
 
 NYC_BBOX: tuple[float, float, float, float] = (-74.30, 40.45, -73.65, 40.95)  # lon_min, lat_min, lon_max, lat_max
@@ -16,3 +18,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 ALL_PARENTS = "*"
 MODALITY_BANDS: dict[str, tuple[str, ...]] = {"S2L2A": S2L2A_BANDS, "S1RTC": S1RTC_BANDS, "DEM": ("DEM",), "WORLDCOVER": ()}
 SOURCE_MODALITIES: tuple[str, ...] = tuple(MODALITY_BANDS)
+
+# S2 L2A processing baseline 04.00 (from 2022-01-25) added a +1000 BOA offset that TerraMind's pretraining data has.
+OFFSET_BASELINE = "04.00"
+OFFSET_DATE = dt.date(2022, 1, 25)

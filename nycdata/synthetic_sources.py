@@ -81,13 +81,13 @@ from nycdata.fixture import (
 )
 from nycdata.io import replace_dir_atomically
 
-from nycdata.sources import ALL_PARENTS, MANIFEST_COLUMNS, MANIFEST_FILE  # noqa: E402  (re-exported for tests)
+from nycdata.sources import ALL_PARENTS, MANIFEST_COLUMNS, MANIFEST_FILE, OFFSET_DATE  # noqa: E402  (re-exported)
 WORLDCOVER_PATH = "worldcover/worldcover.tif"
 
 PIXEL_SIZE_M = 10.0
 S2_BAND_RESOLUTION_M = {"B01": 60, "B02": 10, "B03": 10, "B04": 10, "B05": 20, "B06": 20, "B07": 20, "B08": 10,
                         "B8A": 20, "B09": 60, "B11": 20, "B12": 20}
-BASELINE_04_START = dt.date(2022, 1, 25)
+BASELINE_04_START = OFFSET_DATE
 BOA_ADD_OFFSET = 1000
 S2_NODATA = 0
 S1_NODATA = 0.0
