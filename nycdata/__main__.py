@@ -133,6 +133,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_cache_check(args) -> int:
+    from nycdata.cache_agreement import check_agreement
+
+    result = check_agreement(_params(args), thought_seeds=args.thought_seeds, level=args.level, log=_log)
+    return 0 if result["agree"] else 1
+
+
 def _add_params_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--params-file", action="append", default=[], help="params YAML (repeatable; later wins)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), help="override one parameter")
@@ -191,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    p = _params_command(sub, "cache-check", "does the cached-thought twin of `variant` agree with online TiM at `seed`? "
+                        "(online once per thought seed, cached once; exit 1 if not)", cmd_cache_check)
+    p.add_argument("--thought-seeds", type=int, nargs="+", default=[0, 1, 2], help="online thought seeds (default 0 1 2)")
+    p.add_argument("--level", type=float, default=0.95,
+                   help="the cached run must fall in this prediction interval of the online runs (default 0.95)")
     for name, help_text, func in (
         ("study", "run or continue the variants x seeds grid: finished cells are skipped", cmd_run),
         ("supplement", "pack the run's supplementary material (folder + zip) with its model card", cmd_supplement),

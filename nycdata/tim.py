@@ -103,6 +103,7 @@ def capture_thoughts(model: torch.nn.Module) -> Iterator[ThoughtCapture]:
     domains = {m: backbone.mod_name_mapping[m] for m in backbone.tim_modalities}
     capture = ThoughtCapture(domains)
     original = backbone.sampler.generate
+    own_wrapper = "generate" in vars(backbone.sampler)  # e.g. isolate_thought_rng's, which must survive the capture
 
     def generate_and_record(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -113,7 +114,77 @@ def capture_thoughts(model: torch.nn.Module) -> Iterator[ThoughtCapture]:
     try:
         yield capture
     finally:
-        del backbone.sampler.generate  # back to the class method
+        if own_wrapper:
+            backbone.sampler.generate = original
+        else:
+            del backbone.sampler.generate  # back to the class method
+
+
+# The seed every build's random (untrained) generator is drawn with; see share_random_generator.
+RANDOM_GENERATOR_SEED = 0
+_random_generators: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def share_random_generator(model: torch.nn.Module, model_args: dict) -> bool:
+    """Give a TiM model built without weights the one random generator every such build gets; False otherwise.
+
+    With TerraMind's weights every TiM run and the thought cache think with the same generator. Without
+    them (``allow_random_generator``: tests, fixture, timing) each build would draw its own from the global
+    RNG, so an online run and the cache built for its ``*_cached`` twin would think with different
+    generators. The generator (with the input embeddings terratorch shares with it) is therefore taken from
+    a reference build under :data:`RANDOM_GENERATOR_SEED`, made once per process under ``fork_rng``, so the
+    global RNG, and with it the rest of the model's initialisation, is left as it was.
+    """
+    backbone = tim_backbone(model)
+    if backbone is None or model_args.get("backbone_pretrained") or model_args.get("backbone_ckpt_path"):
+        return False
+    key = repr(sorted(model_args.items()))
+    if key not in _random_generators:
+        from unittest import mock
+
+        from terratorch.models import EncoderDecoderFactory
+        from terratorch.models.backbones.terramind.model import terramind_tim
+
+        # The reference skips the LULC tokenizer (~184 M parameters, 85 % of a tiny build): only its generator is kept.
+        with torch.random.fork_rng(devices=[]), mock.patch.object(terramind_tim, "build_tokenizer", lambda **_: {}):
+            torch.manual_seed(RANDOM_GENERATOR_SEED)
+            reference = EncoderDecoderFactory().build_model(task="segmentation", **model_args)
+        _random_generators[key] = tim_backbone(reference).sampler.model.state_dict()
+    backbone.sampler.model.load_state_dict(_random_generators[key])
+    return True
+
+
+# Thought streams of different ``thought_seed`` values start this far apart (generation adds its step index).
+THOUGHT_SEED_STRIDE = 1_000_003
+
+
+def isolate_thought_rng(model: torch.nn.Module, thought_seed: int = 0) -> bool:
+    """Let TiM's generator sample from its own random stream, shifted by ``thought_seed``; False without a generator.
+
+    terratorch's TiM forward calls ``sampler.generate(seed=random.randint(...))`` and generation calls
+    ``torch.manual_seed(seed + step)``: every TiM step reseeds torch's global RNG, so a TiM run's dropout,
+    shuffling and D4 draws depend on its thoughts and differ from a baseline or cached-thought run with the
+    same seed. Under ``torch.random.fork_rng`` the global stream is left as it was: runs with one seed then
+    differ only in their thoughts, which stay a function of the seed (through ``random``) and ``thought_seed``.
+    """
+    from nycdata.thought_cache import CachedThoughts
+
+    backbone = tim_backbone(model)
+    if backbone is None or isinstance(backbone.sampler, CachedThoughts):
+        return False
+    generate = backbone.sampler.generate
+    parameter = next(backbone.sampler.parameters(), None)
+
+    def generate_in_own_stream(*args, seed=None, **kwargs):
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        if seed is not None:
+            seed += thought_seed * THOUGHT_SEED_STRIDE
+        with torch.random.fork_rng(devices=devices):
+            return generate(*args, seed=seed, **kwargs)
+
+    backbone.sampler.generate = generate_in_own_stream
+    return True
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ from terratorch.tasks import SemanticSegmentationTask
 from nycdata.classes import CLASS_NAMES, IGNORE_INDEX
 from nycdata.io import write_json
 from nycdata.params import run_root
-from nycdata.tim import check_generator, freeze_unused_tokenizer, generator_tensor_count, tim_backbone
+from nycdata.tim import (check_generator, freeze_unused_tokenizer, generator_tensor_count, isolate_thought_rng,
+                         share_random_generator, tim_backbone)
 from nycdata.variants import Variant, get_variant, variant_model_args
 
 SUMMARY_FILE = "train_summary.json"
@@ -43,18 +44,22 @@ class NYCSegmentationTask(SemanticSegmentationTask):
     generator and its tokenizer (~184 M parameters) would sit in its param groups.
     """
 
-    def __init__(self, *args, cached_thoughts: bool = False, **kwargs):
+    def __init__(self, *args, cached_thoughts: bool = False, thought_seed: int = 0, **kwargs):
         # Lightning re-feeds every saved hyperparameter when loading a checkpoint, and terratorch records ``task``,
         # which its __init__ does not take. (The plain ``super().__init__(*args, **kwargs)`` lets the terratorch
         # CLI read the parent's signature.)
         kwargs.pop("task", None)
         super().__init__(*args, **kwargs)
         self.hparams["cached_thoughts"] = cached_thoughts
+        self.hparams["thought_seed"] = thought_seed
+        share_random_generator(self.model, self.hparams["model_args"])
         freeze_unused_tokenizer(self.model)  # here, so the terratorch CLI path freezes it too
         if cached_thoughts:
             from nycdata.thought_cache import use_cached_thoughts
 
             use_cached_thoughts(self.model)
+        else:
+            isolate_thought_rng(self.model, thought_seed)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Leave TiM's tokenizer out: never trained, never used in forward, rebuilt when the task is built."""
@@ -83,7 +88,7 @@ def task_kwargs(params: Mapping, variant: Variant) -> dict:
         lr=float(params["lr"]), optimizer="AdamW", optimizer_hparams={"weight_decay": float(params["weight_decay"])},
         scheduler="ReduceLROnPlateau",
         scheduler_hparams={"factor": float(params["lr_factor"]), "patience": params["lr_patience"]},
-        freeze_backbone=False, plot_on_val=False, cached_thoughts=variant.cached,
+        freeze_backbone=False, plot_on_val=False, cached_thoughts=variant.cached, thought_seed=int(params["thought_seed"]),
     )
 
 

@@ -1,5 +1,7 @@
 """Cached thoughts: same encoder outputs as the online TiM forward that generated them; cache layout; training."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -64,3 +66,79 @@ def test_cache_holds_every_transform_of_training_chips_and_training_reads_it(par
     assert len({cached_ids[k].tobytes() for k in range(8)}) > 1, "each transform thinks its own thought"
     resumed = fine_tune({**params, "variant": "tim_cached", "seed": 3, "resume": True}, log=lambda m: None)
     assert resumed == run
+
+
+def _inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(B, c, T, SIZE, SIZE, generator=g) for m, c in (("S2L2A", 12), ("S1RTC", 2), ("DEM", 1))}
+
+
+def test_online_thinking_leaves_the_global_rng_alone_and_every_random_build_shares_one_generator(params):
+    builds, thoughts = {}, {}
+    for name, global_seed, variant, thought_seed in (("first", 1, "tim", 0), ("second", 2, "tim", 1),
+                                                      ("cached", 2, "tim_cached", 0)):
+        seed_everything(global_seed)
+        builds[name] = build_task({**params, "thought_seed": thought_seed}, get_variant(variant))
+    for name in ("first", "second"):
+        seed_everything(5)
+        before = torch.get_rng_state()
+        with torch.no_grad(), capture_thoughts(builds[name].model) as capture:
+            builds[name].model.encoder(_inputs())
+        assert torch.equal(torch.get_rng_state(), before), "terratorch's torch.manual_seed must not reach the global RNG"
+        thoughts[name] = capture.grid("LULC", B)
+    assert not torch.equal(thoughts["first"], thoughts["second"]), "another thought_seed thinks another thought"
+
+    first, second, cached = (builds[n].state_dict() for n in ("first", "second", "cached"))
+    generator = [k for k in first if ".sampler.model." in k]
+    assert generator and all(torch.equal(first[k], second[k]) for k in generator)
+    assert not torch.equal(first["model.head.head.2.weight"], second["model.head.head.2.weight"]), "the seed varies the rest"
+    assert set(cached) == {k for k in second if ".sampler." not in k}
+    assert all(torch.equal(cached[k], second[k]) for k in cached), "a cached twin starts from the online model's weights"
+
+
+def test_cache_check_reuses_study_cells_trains_the_rest_aside_and_reports_agreement(params, capsys):
+    from nycdata.__main__ import main
+    from nycdata.cache_agreement import AGREEMENT_DIR, check_agreement
+
+    checked = {**params, "variant": "tim_cached", "seed": 3, "fixture": False}  # data_root holds a smaller fixture
+    study_cell = fine_tune({**checked, "resume": True}, log=lambda m: None)  # the study's tim_cached cell (seed 3)
+    result = check_agreement(checked, thought_seeds=(0, 1), log=lambda m: None)
+    assert (result["online_variant"], result["cached_variant"]) == ("tim", "tim_cached")
+    assert len(set(result["online_miou"])) == 2, "thought seeds must change the online runs, or the spread is no yardstick"
+    assert result["thought_spread_sd"] > 0 and result["agree"]
+    low, high = result["interval"]
+    assert low < result["online_mean"] < high and low <= result["cached_miou"] <= high
+    run = cache_root(params, get_variant("tim_cached")).parents[1]
+    reused = json.loads((run / "tim_cached" / "seed3" / "test_metrics.json").read_text())
+    assert reused["miou"] == result["cached_miou"] and study_cell["seed"] == 3
+    assert not (run / "tim").exists(), "the check must not add cells to the study's grid"
+    assert {p.relative_to(run / AGREEMENT_DIR).as_posix() for p in (run / AGREEMENT_DIR).glob("*/*/seed3")} == {
+        "thought_seed0/tim/seed3", "thought_seed1/tim/seed3"}
+    assert json.loads((run / AGREEMENT_DIR / "tim_cached_seed3.json").read_text()) == result
+
+    overrides = [a for k, v in checked.items() if k in ("data_root", "output_root", "run_name", "max_epochs", "variant", "seed", "fixture")
+                 for a in ("-p", k, str(v))]
+    assert main(["cache-check", "-f", str(PARAMS_DIR / "fixture.yaml"), *overrides, "--thought-seeds", "0", "1",
+                 "--level", "0"]) == 1
+    assert "DISAGREE" in capsys.readouterr().out  # nothing retrained: the verdict follows the new level
+
+
+def test_cache_check_names_the_variants_it_can_compare(params):
+    from nycdata.cache_agreement import cached_pair, check_agreement
+
+    with pytest.raises(ValueError, match="no cached twin.*tim, tim_ndvi, tim_s1"):
+        cached_pair("baseline")
+    with pytest.raises(ValueError, match="at least 2 distinct seeds"):
+        check_agreement({**params, "variant": "tim"}, thought_seeds=(1, 1))
+
+
+def test_prediction_interval_is_the_student_t_interval_for_one_more_draw():
+    from nycdata.cache_agreement import prediction_interval
+
+    result = prediction_interval([0.1, 0.2, 0.3], 0.95)
+    half = 4.302652729911275 * 0.1 * (4 / 3) ** 0.5  # t(0.975, 2 df) * sd * sqrt(1 + 1/n)
+    assert result["online_mean"] == pytest.approx(0.2) and result["thought_spread_sd"] == pytest.approx(0.1)
+    assert result["interval"] == pytest.approx([0.2 - half, 0.2 + half])
+    assert prediction_interval([0.1, 0.3], 0.0)["interval"] == pytest.approx([0.2, 0.2])
+    with pytest.raises(ValueError, match="level 1.*0.95"):
+        prediction_interval([0.1, 0.3], 1.0)
