@@ -4,6 +4,9 @@ Per variant (``baseline``, online ``tim``, ``tim_cached``): median train-step ti
 step) after warm-up, inference time per chip, peak memory; plus thought-caching time per chip and data-loader
 throughput reading real chip files with the configured workers. Peak memory is CUDA's max allocated on a GPU;
 on the CPU it is the growth of the process's resident set while the variant ran (approximate).
+
+From those numbers and the dataset's split sizes it projects the study of the params (``variants`` x ``seeds``
+x ``max_epochs``), as configured and with every online TiM variant swapped for its ``*_cached`` twin.
 """
 
 from __future__ import annotations
@@ -143,7 +146,43 @@ def run_bench(params: Mapping, device: str = "cpu", warmup: int = 2, repeats: in
     result["loader_chips_per_s"] = bench_loader(params)
     result["gpu_chips_per_s_baseline"] = result["batch_size"] / v["baseline"]["train_step_s"]
     result["loader_over_consumption"] = result["loader_chips_per_s"] / result["gpu_chips_per_s_baseline"]
+    result["projection"] = project_study(params, result)
     return result
+
+
+def _timed_as(name: str) -> str:
+    """The benchmarked variant whose step time stands in for ``name`` (inputs aside: S1-only runs cost less)."""
+    from nycdata.variants import get_variant
+
+    variant = get_variant(name)
+    return "tim_cached" if variant.cached else "tim" if variant.is_tim else "baseline"
+
+
+def project_study(params: Mapping, result: dict) -> dict:
+    """Hours the study of ``params`` takes at the measured speeds: every epoch runs (early stopping only shortens)."""
+    from nycdata import chips
+    from nycdata.variants import VARIANTS as VARIANTS_BY_NAME
+    from nycdata.variants import get_variant
+
+    counts = chips.read_index(resolve_path(params["data_root"]))["split"].value_counts()
+    n_train, n_val, n_test = (int(counts.get(split, 0)) for split in chips.SPLITS)
+    steps = -(-n_train // params["batch_size"])
+
+    def cell_hours(name: str) -> float:
+        timing = result["variants"][_timed_as(name)]
+        epoch = steps * timing["train_step_s"] + n_val * timing["infer_s_per_chip"]
+        test = n_test * timing["infer_s_per_chip"] * (params["thought_samples"] if get_variant(name).is_tim else 1)
+        return (params["max_epochs"] * epoch + test) / 3600
+
+    def study_hours(names) -> float:
+        caching = sum(n_train + (n_val + n_test) / 8 for n in names if get_variant(n).cached)  # once per run folder
+        return len(params["seeds"]) * sum(map(cell_hours, names)) + caching * result["thought_cache_s_per_chip"] / 3600
+
+    names = list(params["variants"])
+    cached = [f"{n}_cached" if f"{n}_cached" in VARIANTS_BY_NAME else n for n in names]
+    return {"variants": names, "seeds": len(params["seeds"]), "max_epochs": params["max_epochs"], "train_chips": n_train,
+            "val_chips": n_val, "test_chips": n_test, "hours": study_hours(names), "variants_cached": cached,
+            "hours_cached": study_hours(cached)}
 
 
 def markdown(result: dict) -> str:
@@ -157,6 +196,11 @@ def markdown(result: dict) -> str:
     lines += ["", f"Thought caching: {result['thought_cache_s_per_chip']:.2f} s per training chip (8 D4 transforms). "
               f"Data loader: {result['loader_chips_per_s']:.1f} chips/s = {result['loader_over_consumption']:.1f}x what "
               "baseline training consumes."]
+    if "projection" in result:
+        p = result["projection"]
+        lines += ["", f"Projected study ({len(p['variants'])} variants x {p['seeds']} seeds x {p['max_epochs']} epochs at most, "
+                  f"{p['train_chips']} train chips): {p['hours']:.2f} h ({p['hours'] * 60:.0f} min) as configured, "
+                  f"{p['hours_cached']:.2f} h ({p['hours_cached'] * 60:.0f} min) with cached thoughts."]
     return "\n".join(lines)
 
 

@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+
+from nycdata import chips
 from nycdata.__main__ import main
 from nycdata.bench import VARIANTS
 from nycdata.params import PARAMS_DIR
@@ -20,3 +23,16 @@ def test_bench_writes_every_number(tmp_path, capsys):
     assert result["tim_cached_over_baseline"] == result["variants"]["tim_cached"]["train_step_s"] / result["variants"]["baseline"]["train_step_s"]
     table = (tmp_path / "out" / "b" / "bench.md").read_text()
     assert "| tim_cached |" in table and "chips/s" in table and "| tim_cached |" in capsys.readouterr().out
+
+    projection, v = result["projection"], result["variants"]  # fixture.yaml: baseline + tim, 1 seed, 2 epochs, batch 4
+    splits = chips.read_index(tmp_path / "data")["split"].value_counts()
+    train, val, test = splits["train"], splits["val"], splits["test"]
+
+    def cell(name):
+        return 2 * (-(-train // 4) * v[name]["train_step_s"] + val * v[name]["infer_s_per_chip"]) + test * v[name]["infer_s_per_chip"]
+
+    assert projection["train_chips"] == train and projection["variants_cached"] == ["baseline", "tim_cached"]
+    assert projection["hours"] * 3600 == pytest.approx(cell("baseline") + cell("tim"))
+    caching = (train + (val + test) / 8) * result["thought_cache_s_per_chip"]
+    assert projection["hours_cached"] * 3600 == pytest.approx(cell("baseline") + cell("tim_cached") + caching)
+    assert "Projected study (2 variants x 1 seeds x 2 epochs" in table
