@@ -41,7 +41,7 @@ def cached_pair(variant_name: str) -> tuple[Variant, Variant]:
     twin = f"{online.name}_cached"
     if not online.is_tim or twin not in VARIANTS:
         pairs = ", ".join(v.online for v in VARIANTS.values() if v.cached)
-        raise ValueError(f"variant {variant_name!r} has no cached twin; the cache check compares one of: {pairs}")
+        raise ValueError(f"variant {variant_name!r} has no cached twin; set variant to one of: {pairs} (e.g. -p variant tim)")
     return online, get_variant(twin)
 
 
