@@ -161,8 +161,7 @@ def _timed_as(name: str) -> str:
 def project_study(params: Mapping, result: dict) -> dict:
     """Hours the study of ``params`` takes at the measured speeds: every epoch runs (early stopping only shortens)."""
     from nycdata import chips
-    from nycdata.variants import VARIANTS as VARIANTS_BY_NAME
-    from nycdata.variants import get_variant
+    from nycdata.variants import cached_twin, get_variant
 
     counts = chips.read_index(resolve_path(params["data_root"]))["split"].value_counts()
     n_train, n_val, n_test = (int(counts.get(split, 0)) for split in chips.SPLITS)
@@ -179,7 +178,7 @@ def project_study(params: Mapping, result: dict) -> dict:
         return len(params["seeds"]) * sum(map(cell_hours, names)) + caching * result["thought_cache_s_per_chip"] / 3600
 
     names = list(params["variants"])
-    cached = [f"{n}_cached" if f"{n}_cached" in VARIANTS_BY_NAME else n for n in names]
+    cached = [cached_twin(n) or n for n in names]
     return {"variants": names, "seeds": len(params["seeds"]), "max_epochs": params["max_epochs"], "train_chips": n_train,
             "val_chips": n_val, "test_chips": n_test, "hours": study_hours(names), "variants_cached": cached,
             "hours_cached": study_hours(cached)}

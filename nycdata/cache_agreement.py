@@ -25,7 +25,7 @@ import numpy as np
 
 from nycdata.io import write_json
 from nycdata.params import run_root
-from nycdata.variants import VARIANTS, Variant, get_variant
+from nycdata.variants import VARIANTS, Variant, cached_twin, get_variant
 
 AGREEMENT_DIR = "cache_agreement"
 
@@ -38,8 +38,8 @@ def result_path(params: Mapping, cached: Variant) -> Path:
 def cached_pair(variant_name: str) -> tuple[Variant, Variant]:
     """(online TiM variant, its ``*_cached`` twin) for either name of the pair."""
     online = get_variant(get_variant(variant_name).online)
-    twin = f"{online.name}_cached"
-    if not online.is_tim or twin not in VARIANTS:
+    twin = cached_twin(online.name)
+    if twin is None:
         pairs = ", ".join(v.online for v in VARIANTS.values() if v.cached)
         raise ValueError(f"variant {variant_name!r} has no cached twin; set variant to one of: {pairs} (e.g. -p variant tim)")
     return online, get_variant(twin)
@@ -98,13 +98,12 @@ def _cell_params(params: Mapping, variant: Variant, thought_seed: int) -> dict:
 
 def _fine_tune_and_test(params: Mapping, log: Callable[[str], None]) -> float:
     """Fine-tune (or continue, or reuse) one cell and return its test mIoU."""
-    from nycdata.evaluate import TEST_METRICS_FILE, finished_runs, test_run
+    from nycdata.evaluate import TEST_METRICS_FILE, FinishedRun, test_run
     from nycdata.train import fine_tune, seed_run_dir, variant_datamodule
 
-    run_dir = seed_run_dir(params, params["variant"], params["seed"])
-    log(f"cache check: {params['variant']} with thought_seed {params['thought_seed']} in {run_dir}")
+    run = FinishedRun(params["variant"], params["seed"], seed_run_dir(params, params["variant"], params["seed"]))
+    log(f"cache check: {run.variant} with thought_seed {params['thought_seed']} in {run.path}")
     fine_tune(params, resume=True, log=log)
-    run = next(r for r in finished_runs(run_root(params)) if r.path == run_dir)
     if not (run.path / TEST_METRICS_FILE).is_file():  # written last, once per finished training
         test_run(run, params, variant_datamodule(params, get_variant(run.variant), log))
     return float(json.loads((run.path / TEST_METRICS_FILE).read_text())["miou"])

@@ -70,6 +70,12 @@ def get_variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
+def cached_twin(name: str) -> str | None:
+    """The ``*_cached`` variant reading thoughts cached for the online TiM variant ``name``; None if it has none."""
+    twin = f"{name}_cached"
+    return twin if twin in VARIANTS else None
+
+
 def variant_model_args(params: Mapping, variant: Variant) -> dict:
     """EncoderDecoderFactory ``model_args`` for one variant under ``params``."""
     args = model_args(params["model_size"], variant.backbone_modalities, params["timesteps"], params["pretrained"],
