@@ -6,7 +6,7 @@ throughput reading real chip files with the configured workers. Peak memory is C
 on the CPU it is the growth of the process's resident set while the variant ran (approximate).
 
 From those numbers and the dataset's split sizes it projects the study of the params (``variants`` x ``seeds``
-x ``max_epochs``), as configured and with every online TiM variant swapped for its ``*_cached`` twin.
+x folds x ``max_epochs``), as configured and with every online TiM variant swapped for its ``*_cached`` twin.
 """
 
 from __future__ import annotations
@@ -104,19 +104,19 @@ def bench_loader(params: Mapping, min_seconds: float = 2.0) -> float:
 
 
 def bench_thought_cache(params: Mapping, device: str, n_chips: int = 2) -> float:
-    """Seconds per training chip to think all 8 D4 transforms x ``thought_samples`` (the caching pass)."""
+    """Seconds per chip to think all 8 D4 transforms x the cached samples (the caching pass)."""
     from nycdata.data import ChipDataset
-    from nycdata.thought_cache import think_chip
+    from nycdata.thought_cache import cached_samples, think_chip
     from nycdata.train import build_task
     from nycdata.variants import get_variant
 
     task = build_task(params, get_variant("tim")).to(device).eval()
     dataset = ChipDataset(resolve_path(params["data_root"]), "train", get_variant("tim").modalities)
-    think_chip(task, dataset[0], range(1), 1, params["seed"])  # warm-up
+    think_chip(task, dataset[0], 1, params["thought_seed"], params["precision"])  # warm-up
     _sync(device)
     started = time.perf_counter()
     for i in range(min(n_chips, len(dataset))):
-        think_chip(task, dataset[i], range(8), params["thought_samples"], params["seed"])
+        think_chip(task, dataset[i], cached_samples(params), params["thought_seed"], params["precision"])
     _sync(device)
     return (time.perf_counter() - started) / min(n_chips, len(dataset))
 
@@ -163,8 +163,15 @@ def project_study(params: Mapping, result: dict) -> dict:
     from nycdata import chips
     from nycdata.variants import cached_twin, get_variant
 
-    counts = chips.read_index(resolve_path(params["data_root"]))["split"].value_counts()
-    n_train, n_val, n_test = (int(counts.get(split, 0)) for split in chips.SPLITS)
+    index = chips.read_index(resolve_path(params["data_root"]))
+    folds = max(params["cv_folds"], 1)
+    if params["cv_folds"]:  # chips per split averaged over the folds
+        from nycdata.data import split_spec
+
+        counts = chips.fold_roles(index, split_spec(params)).groupby("split")["chips"].sum() / folds
+    else:
+        counts = index["split"].value_counts()
+    n_train, n_val, n_test = (round(float(counts.get(split, 0))) for split in chips.SPLITS)
     steps = -(-n_train // params["batch_size"])
 
     def cell_hours(name: str) -> float:
@@ -174,12 +181,13 @@ def project_study(params: Mapping, result: dict) -> dict:
         return (params["max_epochs"] * epoch + test) / 3600
 
     def study_hours(names) -> float:
-        caching = sum(n_train + (n_val + n_test) / 8 for n in names if get_variant(n).cached)  # once per run folder
-        return len(params["seeds"]) * sum(map(cell_hours, names)) + caching * result["thought_cache_s_per_chip"] / 3600
+        caching = len(index) * sum(get_variant(n).cached for n in names)  # every chip, once per run folder
+        return folds * len(params["seeds"]) * sum(map(cell_hours, names)) + caching * result["thought_cache_s_per_chip"] / 3600
 
     names = list(params["variants"])
     cached = [cached_twin(n) or n for n in names]
-    return {"variants": names, "seeds": len(params["seeds"]), "max_epochs": params["max_epochs"], "train_chips": n_train,
+    return {"variants": names, "seeds": len(params["seeds"]), "folds": folds, "max_epochs": params["max_epochs"],
+            "train_chips": n_train,
             "val_chips": n_val, "test_chips": n_test, "hours": study_hours(names), "variants_cached": cached,
             "hours_cached": study_hours(cached)}
 
@@ -192,13 +200,13 @@ def markdown(result: dict) -> str:
     for name, v in result["variants"].items():
         lines.append(f"| {name} | {v['train_step_s']:.3f} | {v['train_step_s'] / base:.2f}x | {v['infer_s_per_chip']:.4f} | "
                      f"{v['peak_mem_mb']:.0f} |")
-    lines += ["", f"Thought caching: {result['thought_cache_s_per_chip']:.2f} s per training chip (8 D4 transforms). "
+    lines += ["", f"Thought caching: {result['thought_cache_s_per_chip']:.2f} s per chip (8 D4 transforms x cached samples). "
               f"Data loader: {result['loader_chips_per_s']:.1f} chips/s = {result['loader_over_consumption']:.1f}x what "
               "baseline training consumes."]
     if "projection" in result:
         p = result["projection"]
-        lines += ["", f"Projected study ({len(p['variants'])} variants x {p['seeds']} seeds x {p['max_epochs']} epochs at most, "
-                  f"{p['train_chips']} train chips): {p['hours']:.2f} h ({p['hours'] * 60:.0f} min) as configured, "
+        lines += ["", f"Projected study ({len(p['variants'])} variants x {p['seeds']} seeds x {p['folds']} folds x "
+                  f"{p['max_epochs']} epochs at most, {p['train_chips']} train chips per fold): {p['hours']:.2f} h ({p['hours'] * 60:.0f} min) as configured, "
                   f"{p['hours_cached']:.2f} h ({p['hours_cached'] * 60:.0f} min) with cached thoughts."]
     return "\n".join(lines)
 

@@ -1,16 +1,25 @@
 """Does a ``*_cached`` variant learn what its online TiM twin learns? The evidence for using cached thoughts.
 
-Cached thoughts fix K samples per chip and D4 transform where online TiM draws fresh ones every step. With
-one training seed both runs see the same batches, augmentations and dropout (``isolate_thought_rng``) and
-think with the same generator (``share_random_generator``), so they differ only in their thoughts. The online
-variant is fine-tuned once per ``thought_seed``: the spread of those test mIoUs is the spread of thought
-sampling, and the cached run must land where one more online run would: inside the ``level`` (95 %)
-prediction interval ``mean +- t(n-1) * sd * sqrt(1 + 1/n)`` of the n online runs. Few thought seeds give a
-wide interval; the result says how wide, so a reader can judge it.
+What the two runs share, by construction and by test (tests/test_train.py, tests/test_thought_cache.py): with one
+training seed (and fold) they start from the same weights, see the same chips in the same order with the same D4
+transforms and the same dropout (``EpochDraws``, ``BatchSeeds``, ``isolate_thought_rng``), and think with the same
+generator; a cached thought, fed back, gives bit-identical encoder features to the online forward that produced it.
+What differs is only which thoughts they read: online TiM samples a fresh thought in every step, the cached run
+draws one of ``thought_cache_samples`` samples per chip and transform per epoch, generated once on the training
+device under the training precision (per chip, sample and ``thought_seed``).
 
-The check reuses the study's finished cells (``<run>/<variant>/seed<k>`` with ``k = params['seed']``, at
-the params' ``thought_seed``) and trains every other run into ``<run>/cache_agreement/thought_seed<t>/``,
-out of the study's grid. The verdict goes to ``<run>/cache_agreement/<cached variant>_seed<k>.json``.
+What the check shows: the online variant is fine-tuned once per ``thought_seed``; the spread of those test mIoUs
+is the spread of thought sampling, and the cached run must land where one more online run would: inside the
+``level`` (95 %) prediction interval ``mean +- t(n-1) * sd * sqrt(1 + 1/n)`` of the n online runs.
+
+What it cannot show: equivalence. "Agree" means no detectable difference at this interval's width, which is wide
+with few thought seeds (and with random weights, where thoughts barely matter); the width is reported, read it. It
+checks one training seed and fold, not the study's average. It cannot tell whether a few cached samples per chip
+suffice for effects that need many distinct thoughts over many epochs, beyond what shows in the final mIoU.
+
+The check reuses the study's finished cells (``<run>/<variant>/[fold<f>/]seed<k>`` with ``k = params['seed']``,
+at the params' ``thought_seed``) and trains every other run into ``<run>/cache_agreement/thought_seed<t>/``,
+out of the study's grid. The verdict goes to ``<run>/cache_agreement/<cached variant>[_fold<f>]_seed<k>.json``.
 Finished trainings and their test metrics are reused, so an interrupted check continues where it stopped
 and another ``level`` costs no retraining.
 """
@@ -24,15 +33,16 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from nycdata.io import write_json
-from nycdata.params import run_root
+from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir, run_root
 from nycdata.variants import VARIANTS, Variant, cached_twin, get_variant
 
 AGREEMENT_DIR = "cache_agreement"
 
 
 def result_path(params: Mapping, cached: Variant) -> Path:
-    """``<run>/cache_agreement/<cached variant>_seed<k>.json``: one verdict per pair and training seed."""
-    return run_root(params) / AGREEMENT_DIR / f"{cached.name}_seed{params['seed']}.json"
+    """``<run>/cache_agreement/<cached variant>[_fold<f>]_seed<k>.json``: one verdict per pair, fold and training seed."""
+    fold = f"_fold{params['fold']}" if params["cv_folds"] else ""
+    return run_root(params) / AGREEMENT_DIR / f"{cached.name}{fold}_seed{params['seed']}.json"
 
 
 def cached_pair(variant_name: str) -> tuple[Variant, Variant]:
@@ -87,11 +97,8 @@ def agreement_line(result: Mapping) -> str:
 
 def _cell_params(params: Mapping, variant: Variant, thought_seed: int) -> dict:
     """Params of one training: the study's finished cell when it is this one, else a side run that stays out of the study."""
-    from nycdata.train import SUMMARY_FILE, seed_run_dir
-
     cell = {**params, "variant": variant.name, "thought_seed": thought_seed}
-    study_cell = seed_run_dir(cell, variant.name, params["seed"])
-    if thought_seed == params["thought_seed"] and (study_cell / SUMMARY_FILE).is_file():
+    if thought_seed == params["thought_seed"] and (cell_dir(cell) / TRAIN_SUMMARY_FILE).is_file():
         return cell
     return {**cell, "output_root": str(run_root(params) / AGREEMENT_DIR), "run_name": f"thought_seed{thought_seed}"}
 
@@ -99,9 +106,9 @@ def _cell_params(params: Mapping, variant: Variant, thought_seed: int) -> dict:
 def _fine_tune_and_test(params: Mapping, log: Callable[[str], None]) -> float:
     """Fine-tune (or continue, or reuse) one cell and return its test mIoU."""
     from nycdata.evaluate import TEST_METRICS_FILE, FinishedRun, test_run
-    from nycdata.train import fine_tune, seed_run_dir, variant_datamodule
+    from nycdata.train import fine_tune, variant_datamodule
 
-    run = FinishedRun(params["variant"], params["seed"], seed_run_dir(params, params["variant"], params["seed"]))
+    run = FinishedRun(params["variant"], params["seed"], cell_dir(params), params["fold"] if params["cv_folds"] else None)
     log(f"cache check: {run.variant} with thought_seed {params['thought_seed']} in {run.path}")
     fine_tune(params, resume=True, log=log)
     if not (run.path / TEST_METRICS_FILE).is_file():  # written last, once per finished training

@@ -164,3 +164,69 @@ def read_index(data_dir: Path):
 
 def split_dates(dates: str) -> list[str]:
     return [d for d in str(dates).split("|") if d]
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Which chips train, validate and test: the index's fixed ``split`` column, or fold ``fold`` of a grouped
+    K-fold cross-validation over parents (``cv_folds`` >= 2).
+
+    With folds every parent is a test parent exactly once, so the comparison rests on all parents instead of the
+    fixed split's few. Parents go to folds deterministically from ``seed`` (shuffled, then each to the fold with the
+    fewest chips so far, so folds hold about as many chips); each fold's validation parents are drawn from its
+    training parents, about ``fractions[1] / (fractions[0] + fractions[1])`` of them and at least one.
+    """
+
+    cv_folds: int = 0
+    fold: int = 0
+    seed: int = 42
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+
+    def check(self) -> None:
+        if self.cv_folds == 1 or self.cv_folds < 0:
+            raise ValueError(f"cv_folds={self.cv_folds}: use 0 (the index's fixed split) or at least 2 folds")
+        if self.cv_folds and not 0 <= self.fold < self.cv_folds:
+            raise ValueError(f"fold={self.fold}: with cv_folds={self.cv_folds} it must be 0..{self.cv_folds - 1}")
+
+    def assign(self, index) -> "pd.Series":
+        """Split per chip (indexed like ``index``) under this spec."""
+        self.check()
+        if not self.cv_folds:
+            return index["split"]
+        roles = fold_roles(index, self)
+        return index["parent_id"].map(roles.loc[roles["fold"] == self.fold].set_index("parent_id")["split"])
+
+
+def fold_roles(index, spec: SplitSpec) -> "pd.DataFrame":
+    """Every parent's split in every fold (columns fold, parent_id, split, chips): the record of ``folds.csv``."""
+    import pandas as pd
+
+    spec.check()
+    sizes = index.groupby("parent_id").size().sort_index()
+    if len(sizes) < spec.cv_folds:
+        raise ValueError(f"cv_folds={spec.cv_folds} needs at least as many parents as folds, the index has "
+                         f"{len(sizes)}; lower cv_folds")
+    test_fold = _balanced_folds(sizes, spec.cv_folds, spec.seed)
+    rows = []
+    for fold in range(spec.cv_folds):
+        rest = sorted(p for p, f in test_fold.items() if f != fold)
+        if len(rest) < 2:
+            raise ValueError(f"cv_folds={spec.cv_folds}: fold {fold} leaves {len(rest)} parent(s) for training and "
+                             "validation, need at least 2; lower cv_folds")
+        share = spec.fractions[1] / (spec.fractions[0] + spec.fractions[1])
+        n_val = min(len(rest) - 1, max(1, round(share * len(rest))))
+        val = {rest[i] for i in np.random.default_rng([spec.seed, fold]).permutation(len(rest))[:n_val]}
+        rows += [{"fold": fold, "parent_id": p, "chips": int(sizes[p]),
+                  "split": "test" if test_fold[p] == fold else "val" if p in val else "train"} for p in sizes.index]
+    return pd.DataFrame(rows, columns=["fold", "parent_id", "split", "chips"])
+
+
+def _balanced_folds(sizes, k: int, seed: int) -> dict[str, int]:
+    """Parents in a seeded random order, each to the fold holding the fewest chips so far (ties: lowest fold)."""
+    load = [0] * k
+    assignment = {}
+    for i in np.random.default_rng(seed).permutation(len(sizes)):
+        fold = min(range(k), key=lambda f: (load[f], f))
+        assignment[sizes.index[i]] = fold
+        load[fold] += int(sizes.iloc[i])
+    return assignment

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nycdata import chips
 from nycdata.generated import read_generated
+from nycdata.io import atomic_write_text
 from nycdata.thought_cache import THOUGHTS_KEY, cached_sample_count, read_thoughts
 from nycdata.validate import read_chip
 
@@ -54,12 +55,24 @@ def normalization_stats(name: str) -> dict:
     return NORMALIZATIONS[name]
 
 
+class ChipDraw(NamedTuple):
+    """What the sampler decided for one chip of one epoch: its position in the split, D4 transform and thought sample."""
+
+    index: int
+    transform: int = 0
+    sample: int = 0
+
+
 class ChipDataset(Dataset):
-    """One split of a chip dataset. Holds only paths and plain records, so it pickles to spawned workers."""
+    """One split of a chip dataset. Holds only paths and plain records, so it pickles to spawned workers.
+
+    It draws nothing at random: an item is a :class:`ChipDraw` (or a plain index: no transform, sample 0)
+    decided by :class:`EpochDraws` in the main process.
+    """
 
     def __init__(self, data_root: str | Path, split: str, modalities: Sequence[str] = chips.INPUT_MODALITIES,
-                 augment: str = "none", normalization: str = "terramind_v1", generated_root: str | Path | None = None,
-                 thought_cache: str | Path | None = None):
+                 normalization: str = "terramind_v1", generated_root: str | Path | None = None,
+                 thought_cache: str | Path | None = None, splits: chips.SplitSpec = chips.SplitSpec()):
         self.data_root = Path(data_root)
         self.generated_root = Path(generated_root) if generated_root else None  # LULC made by nycdata.generated
         self.thought_cache = Path(thought_cache) if thought_cache else None  # ids made by nycdata.thought_cache
@@ -68,15 +81,12 @@ class ChipDataset(Dataset):
         missing = [m for m in modalities if m not in self.spec.modalities]
         if missing:
             raise ValueError(f"modalities {missing} requested but {self.data_root} only has {list(self.spec.modalities)}")
-        if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment {augment!r} unknown; choose one of {list(AUGMENTATIONS)}")
         self.modalities = tuple(modalities)
-        self.augment = augment
         self.stats = {m: _as_tensors(normalization_stats(normalization)[m]) for m in self.modalities}
         index = chips.read_index(self.data_root)
         if split not in chips.SPLITS:
             raise ValueError(f"split {split!r} unknown; choose one of {list(chips.SPLITS)}")
-        self.records = index.loc[index["split"] == split].drop(columns="geometry").to_dict("records")
+        self.records = index.loc[splits.assign(index) == split].drop(columns="geometry").to_dict("records")
         if not self.records:
             raise ValueError(f"split {split!r} of {self.data_root} has no chips; check the split column of chips.parquet")
         self.split = split
@@ -84,19 +94,18 @@ class ChipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, item: int | ChipDraw) -> dict:
+        i, k, sample = item if isinstance(item, tuple) else (item, 0, 0)
         record = self.records[i]
         arrays = read_chip(self.data_root, self.spec, record, (*self.modalities, self.spec.label))
         image = {m: self._to_tensor(m, arrays[m]) for m in self.modalities}
         if self.generated_root is not None:
             image["LULC"] = read_generated(self.generated_root, record["chip_id"], self.spec.timesteps)
         mask = torch.from_numpy(arrays[self.spec.label][0].astype(np.int64))
-        k = int(torch.randint(D4_TRANSFORMS, (1,))) if self.augment == "d4" else 0
         if k:
             image = {m: d4_transform(x, k) for m, x in image.items()}
             mask = d4_transform(mask, k)
         if self.thought_cache is not None:  # thoughts were generated from the transformed image, not transformed after
-            sample = int(torch.randint(self.thought_samples, (1,))) if self.augment == "d4" else 0
             image[THOUGHTS_KEY] = read_thoughts(self.thought_cache, record["chip_id"], k, sample)
         return {"image": image, "mask": mask, "filename": record["chip_id"]}
 
@@ -124,15 +133,66 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+# Independent random streams of one epoch's draws: shuffling, D4 transforms and cached-thought samples.
+ORDER_STREAM, TRANSFORM_STREAM, SAMPLE_STREAM = 0, 1, 2
+SPLIT_STREAMS = {split: i for i, split in enumerate(chips.SPLITS)}
+
+
+class EpochDraws(Sampler[ChipDraw]):
+    """Order, D4 transform and cached-thought sample of every chip of one epoch, drawn in the main process.
+
+    Each comes from a generator of its own, seeded by (seed, split, epoch, stream), never from the global RNG.
+    So ``baseline``, ``tim`` and ``tim_cached`` with one seed see the same chips in the same order with the same
+    transforms (a variant that reads thought samples draws them without shifting anything else); the draws do
+    not depend on the number of loader workers; and a run resumed at epoch e draws exactly what an uninterrupted
+    one does (Lightning calls :meth:`set_epoch` before every epoch). ``fixed_sample`` pins the thought sample
+    (test pass k reads sample k).
+    """
+
+    def __init__(self, size: int, seed: int, split: str = "train", shuffle: bool = False, augment: bool = False,
+                 thought_samples: int = 0, fixed_sample: int | None = None):
+        if fixed_sample is not None and not 0 <= fixed_sample < max(thought_samples, 1):
+            raise ValueError(f"thought sample {fixed_sample} requested but the cache holds {thought_samples} per chip; "
+                             "raise thought_cache_samples (and delete the cache) or lower thought_samples")
+        self.size, self.seed, self.split, self.shuffle, self.augment = size, seed, split, shuffle, augment
+        self.thought_samples, self.fixed_sample, self.epoch = thought_samples, fixed_sample, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _stream(self, stream: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed % 2**32, SPLIT_STREAMS[self.split], self.epoch, stream])
+
+    def __iter__(self):
+        n = self.size
+        order = self._stream(ORDER_STREAM).permutation(n) if self.shuffle else np.arange(n)
+        transforms = self._stream(TRANSFORM_STREAM).integers(D4_TRANSFORMS, size=n) if self.augment else np.zeros(n, int)
+        if self.fixed_sample is not None:
+            samples = np.full(n, self.fixed_sample)
+        elif self.thought_samples > 1:
+            samples = self._stream(SAMPLE_STREAM).integers(self.thought_samples, size=n)
+        else:
+            samples = np.zeros(n, int)
+        return iter([ChipDraw(int(i), int(transforms[i]), int(samples[i])) for i in order])
+
+
 class NYCDataModule(pl.LightningDataModule):
-    """Train (augmented), val and test loaders over a chip dataset."""
+    """Train (augmented), val and test loaders over a chip dataset; fold ``fold`` of ``cv_folds`` when > 0."""
 
     def __init__(self, data_root: str, modalities: Sequence[str] = chips.INPUT_MODALITIES, batch_size: int = 8,
                  num_workers: int = 0, augment: str = "d4", normalization: str = "terramind_v1",
                  pin_memory: bool = False, multiprocessing_context: str | None = None, generated_root: str | None = None,
-                 thought_cache: str | None = None):
+                 thought_cache: str | None = None, seed: int = 0, cv_folds: int = 0, fold: int = 0,
+                 split_seed: int = 42, split_fractions: Sequence[float] = (0.7, 0.15, 0.15)):
         super().__init__()
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment {augment!r} unknown; choose one of {list(AUGMENTATIONS)}")
         self.save_hyperparameters()
+        self.splits = chips.SplitSpec(cv_folds, fold, split_seed, tuple(split_fractions))
+        self.splits.check()
         self.datasets: dict[str, ChipDataset] = {}
 
     @classmethod
@@ -145,35 +205,70 @@ class NYCDataModule(pl.LightningDataModule):
             raise ValueError(f"parameter timesteps={params['timesteps']} but {data_root} has {spec.timesteps} timesteps per chip")
         kwargs = dict(data_root=str(data_root), modalities=list(params["modalities"]), batch_size=params["batch_size"],
                       num_workers=params["num_workers"], augment=params["augment"], normalization=params["normalization"],
-                      pin_memory=torch.cuda.is_available())  # pinned host memory speeds up copies to a GPU
+                      pin_memory=torch.cuda.is_available(),  # pinned host memory speeds up copies to a GPU
+                      seed=params["seed"], **split_kwargs(params))
         return cls(**{**kwargs, **overrides})
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         for split in chips.SPLITS:
             if split not in self.datasets:
-                augment = hp.augment if split == "train" else "none"
-                self.datasets[split] = ChipDataset(hp.data_root, split, hp.modalities, augment, hp.normalization,
-                                                   hp.generated_root, hp.thought_cache)
+                self.datasets[split] = ChipDataset(hp.data_root, split, hp.modalities, hp.normalization,
+                                                   hp.generated_root, hp.thought_cache, self.splits)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, thought_sample: int | None = None) -> DataLoader:
         self.setup()
-        hp = self.hparams
+        hp, dataset = self.hparams, self.datasets[split]
+        draws = EpochDraws(len(dataset), hp.seed, split, shuffle=split == "train",
+                           augment=split == "train" and hp.augment == "d4", thought_samples=dataset.thought_samples,
+                           fixed_sample=thought_sample)
         workers = hp.num_workers
         return DataLoader(
-            self.datasets[split], batch_size=hp.batch_size, shuffle=shuffle, num_workers=workers,
+            dataset, batch_size=hp.batch_size, sampler=draws, num_workers=workers,
             pin_memory=hp.pin_memory, worker_init_fn=seed_worker, persistent_workers=workers > 0,
             multiprocessing_context=hp.multiprocessing_context if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def test_dataloader(self, thought_sample: int = 0) -> DataLoader:
+        """Test chips un-augmented; a cached-thought variant reads thought sample ``thought_sample`` of each."""
+        return self._loader("test", thought_sample if self.hparams.thought_cache else None)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self.test_dataloader()
+
+
+def split_kwargs(params: Mapping) -> dict:
+    """The DataModule arguments that say which chips train, validate and test (see :class:`chips.SplitSpec`)."""
+    return dict(cv_folds=params["cv_folds"], fold=params["fold"], split_seed=params["split_seed"],
+                split_fractions=list(params["split_fractions"]))
+
+
+def split_spec(params: Mapping) -> chips.SplitSpec:
+    return chips.SplitSpec(params["cv_folds"], params["fold"], params["split_seed"], tuple(params["split_fractions"]))
+
+
+FOLDS_FILE = "folds.csv"
+
+
+def record_folds(params: Mapping) -> Path | None:
+    """Write every parent's split per fold to ``<run>/folds.csv``; refuse a run folder whose folds were other ones."""
+    from nycdata.params import resolve_path, run_root
+
+    if not params["cv_folds"]:
+        return None
+    table = chips.fold_roles(chips.read_index(resolve_path(params["data_root"])), split_spec(params)).to_csv(index=False)
+    path = run_root(params) / FOLDS_FILE
+    if path.is_file() and path.read_text() != table:
+        raise ValueError(f"{path} holds other folds than cv_folds={params['cv_folds']}, split_seed={params['split_seed']} "
+                         f"and this dataset give: the run folder belongs to other split settings. Choose another "
+                         "run_name (or delete the run folder).")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, table)
+    return path

@@ -14,18 +14,21 @@ from typing import Mapping
 import yaml
 
 from nycdata.params import resolve_path
-from nycdata.train import MONITOR, seed_run_dir, task_kwargs
+from nycdata.data import split_kwargs
+from nycdata.params import cell_dir
+from nycdata.train import MONITOR, task_kwargs
 from nycdata.variants import get_variant
 
 
 def lightning_config(params: Mapping) -> dict:
     variant = get_variant(params["variant"])
-    run_dir = str(seed_run_dir(params, variant.name, params["seed"])) + "-cli"
+    run_dir = str(cell_dir(params)) + "-cli"
     return {
         "seed_everything": params["seed"],
         "trainer": {
             "accelerator": params["accelerator"], "devices": params["devices"], "precision": params["precision"],
             "max_epochs": params["max_epochs"], "default_root_dir": run_dir, "log_every_n_steps": 1,
+            "deterministic": params["deterministic"],
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                        "init_args": {"save_dir": run_dir, "name": "", "version": ""}},
             "callbacks": [
@@ -34,12 +37,14 @@ def lightning_config(params: Mapping) -> dict:
                                "mode": "min", "save_top_k": 1, "save_last": True}},
                 {"class_path": "lightning.pytorch.callbacks.EarlyStopping",
                  "init_args": {"monitor": MONITOR, "mode": "min", "patience": params["early_stopping_patience"]}},
+                {"class_path": "nycdata.train.BatchSeeds", "init_args": {"seed": params["seed"]}},
             ],
         },
         "data": {"class_path": "nycdata.data.NYCDataModule", "init_args": {
             "data_root": str(resolve_path(params["data_root"])), "modalities": list(variant.modalities),
             "batch_size": params["batch_size"], "num_workers": params["num_workers"], "augment": params["augment"],
-            "normalization": params["normalization"], **_generated_input(params, variant)}},
+            "normalization": params["normalization"], "seed": params["seed"], **split_kwargs(params),
+            **_generated_input(params, variant)}},
         "model": {"class_path": "nycdata.train.NYCSegmentationTask", "init_args": task_kwargs(params, variant)},
     }
 

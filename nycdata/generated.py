@@ -62,7 +62,7 @@ def generate_lulc(params: Mapping, variant, log: Callable[[str], None] = print) 
     seed_everything(GENERATION_SEED)
     with replace_dir_atomically(root, overwrite=True) as tmp:
         for split in chips.SPLITS:
-            dataset = ChipDataset(data_root, split, modalities, augment="none", normalization=params["normalization"])
+            dataset = ChipDataset(data_root, split, modalities, normalization=params["normalization"])
             for batch in torch.utils.data.DataLoader(dataset, batch_size=params["batch_size"]):
                 maps = _generate_batch(generator, batch["image"])
                 for chip, lulc in zip(batch["filename"], maps):

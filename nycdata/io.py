@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -41,18 +42,48 @@ def replace_dir_atomically(target: Path, overwrite: bool = False) -> Iterator[Pa
 
 
 def write_json(path: Path, payload) -> Path:
-    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    """Write strict JSON via a temporary file and rename, so readers never see half a file.
+
+    NaN and +-inf (Python or numpy floats, numpy arrays, at any depth) become
+    ``null``: ``NaN`` is not JSON, and strict parsers (JavaScript, jq, most
+    non-Python libraries) reject the whole file. ``allow_nan=False`` then makes
+    anything that slipped through an error here rather than a broken file.
+    """
+    text = json.dumps(strict_json(payload), indent=2, sort_keys=True, allow_nan=False, default=_json_default)
+    return atomic_write_text(path, text + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` via a temporary sibling file and rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
 
 
+def strict_json(value):
+    """``value`` with non-finite floats replaced by None, numpy/torch arrays and scalars as Python lists and numbers."""
+    if isinstance(value, dict):
+        return {_plain(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors: to Python, then cleaned
+        return strict_json(value.tolist())
+    return value
+
+
+def _plain(key):
+    """numpy scalar dict keys (e.g. from a groupby) as Python ones, which json accepts."""
+    return key.item() if hasattr(key, "item") else key
+
+
 def _json_default(value):
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
+    if hasattr(value, "item"):  # other scalars with .item() but no .tolist()
+        return strict_json(value.item())
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -22,7 +22,8 @@ from nycdata.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 # Column names of a flattened confusion matrix in per_chip.csv: cm_<true>_<predicted>.
 CM_COLUMNS = [f"cm_{t}_{p}" for t in range(NUM_CLASSES) for p in range(NUM_CLASSES)]
 
-# The seed's gate: Strong > +2 pp, Acceptable 0..+2 pp, Negative < 0; publish only if >= +1 pp.
+# The seed's gate: Strong > +2 pp, Acceptable 0..+2 pp, Negative < 0; publish only if >= +1 pp
+# (decided on the delta rounded to 2 decimals, as printed; see gate).
 # (Deltas are mIoU of TiM minus baseline, in percentage points.)
 STRONG_ABOVE_PP = 2.0
 ACCEPTABLE_FROM_PP = 0.0
@@ -122,10 +123,15 @@ def gate(delta_pp: float) -> dict:
     """The study's pre-registered verdict on a mIoU delta (TiM minus baseline, in pp).
 
     Fixed in constants so no notebook can move the goalposts after seeing results.
+    The delta is decided as printed, rounded to 2 decimals (``:+.2f``): a report
+    saying "+1.00 pp" must not say "do not publish" because the float underneath
+    is 0.9999999999999898 ((0.57 - 0.56) * 100 in binary). So 0.996 -> +1.00 publishes,
+    2.004 -> +2.00 is acceptable, not strong, and -0.004 -> 0.00 is acceptable.
     """
     delta = float(delta_pp)
     if math.isnan(delta):
         raise ValueError("mIoU delta is NaN; cannot gate")
+    delta = round(delta, 2)  # correctly rounded, like format(delta, ".2f")
     if delta > STRONG_ABOVE_PP:
         verdict = "strong"
     elif delta >= ACCEPTABLE_FROM_PP:

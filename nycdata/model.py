@@ -8,7 +8,8 @@ dropout 0.1, 5 classes.
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 from nycdata.classes import NUM_CLASSES
 
@@ -52,3 +53,29 @@ def build_model(**kwargs):
     from terratorch.models import EncoderDecoderFactory
 
     return EncoderDecoderFactory().build_model(task="segmentation", **model_args(**kwargs))
+
+
+@contextlib.contextmanager
+def backbone_built_outside_global_rng() -> Iterator[None]:
+    """Build models whose backbone leaves torch's global RNG as it found it, so the necks, decoder and head that
+    EncoderDecoderFactory builds after it start from the same weights in every variant with the same seed.
+
+    A TiM backbone draws far more random numbers while it is built (generator, tokenizer) than a plain one, so
+    without this the decoder and head of ``tim`` and ``baseline`` would start from different draws and the paired
+    comparison would mix thinking with initialisation. The backbone's own random init is overwritten by the
+    checkpoint when ``pretrained`` (and its draws do not matter for matching). Patches terratorch's module-level
+    ``_get_backbone`` (tested in tests/test_tim.py, so an upgrade that moves it fails loudly).
+    """
+    from unittest import mock
+
+    import torch
+    from terratorch.models import encoder_decoder_factory
+
+    build_backbone = encoder_decoder_factory._get_backbone
+
+    def build_in_forked_rng(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return build_backbone(*args, **kwargs)
+
+    with mock.patch.object(encoder_decoder_factory, "_get_backbone", build_in_forked_rng):
+        yield

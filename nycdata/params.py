@@ -61,6 +61,18 @@ def run_root(params: Mapping[str, Any]) -> Path:
     return resolve_path(params["output_root"]) / params["run_name"]
 
 
+TRAIN_SUMMARY_FILE = "train_summary.json"  # in a cell folder once its training finished
+
+
+def cell_dir(params: Mapping) -> Path:
+    """The run folder of one study cell: ``<run>/<variant>/seed<k>``, or ``<run>/<variant>/fold<f>/seed<k>``
+    under cross-validation (``cv_folds`` > 0)."""
+    folder = run_root(params) / params["variant"]
+    if params["cv_folds"]:
+        folder = folder / f"fold{params['fold']}"
+    return folder / f"seed{params['seed']}"
+
+
 def _merge(params: dict, new: Mapping[str, Any], source: str) -> None:
     check_known(new, source)
     for key, value in new.items():

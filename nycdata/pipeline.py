@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 import yaml
 
 from nycdata import chips
-from nycdata.params import resolve_path, run_root
+from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir, resolve_path, run_root
 
 
 def prepare_dataset(params: Mapping, log: Callable[[str], None] = print, validate: bool = True) -> Path:
@@ -59,11 +59,11 @@ class Step:
 
     @property
     def label(self) -> str:
-        return self.notebook + "".join(f"_{k}{v}" if k == "seed" else f"_{v}" for k, v in self.parameters.items())
+        return self.notebook + "".join(f"_{k}{v}" if k in ("seed", "fold") else f"_{v}" for k, v in self.parameters.items())
 
 
 def notebook_steps(params: Mapping) -> list[Step]:
-    """01, 02, 03 for every variant x seed, 04, and 05 when a LULC-thinking ``tim`` run is part of it."""
+    """01, 02, 03 for every fold x seed x variant (the study grid), 04, and 05 when a LULC-thinking ``tim`` run is part of it."""
     from nycdata.variants import get_variant
 
     variants = [get_variant(v).name for v in params["variants"]]
@@ -71,7 +71,12 @@ def notebook_steps(params: Mapping) -> list[Step]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds {seeds}: need at least one seed and no repeats")
     steps = [Step("01_load_data", {}, "data_summary.json"), Step("02_smoke", {}, "smoke.json")]
-    steps += [Step("03_finetune", {"variant": v, "seed": s}, f"{v}/seed{s}/train_summary.json") for s in seeds for v in variants]
+    for fold in range(params["cv_folds"]) if params["cv_folds"] else [None]:
+        for seed in seeds:
+            for variant in variants:
+                cell = {"variant": variant, "seed": seed, **({"fold": fold} if fold is not None else {})}
+                summary = cell_dir({**params, **cell}).relative_to(run_root(params)) / TRAIN_SUMMARY_FILE
+                steps.append(Step("03_finetune", cell, summary.as_posix()))
     steps.append(Step("04_evaluate", {}, "comparison.json"))
     if "tim" in variants:
         steps.append(Step("05_visualise_tim", {"seed": seeds[0]}, "thoughts.json"))

@@ -132,20 +132,37 @@ def thought_panel(rgb_image, truth, esri_map, thought_classes, tokens, predictio
     return fig
 
 
+def _forest_row(ax, y: float, centre: float, interval, marker: str, colour: str, label) -> None:
+    """One point with its interval bar, or the point alone marked "no interval" when the interval is missing."""
+    lo, hi = interval if interval is not None else (None, None)
+    ax.plot(centre, y, marker=marker, color=colour, linestyle="none", label=label)
+    if lo is None or hi is None or lo != lo or hi != hi:    # None, or NaN in results of older runs
+        ax.annotate("no interval", (centre, y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+    else:  # a bar from lo to hi, not errorbar: a percentile interval need not contain its point estimate
+        ax.plot([lo, hi], [y, y], color=colour, marker="|", markersize=10)
+
+
 def forest(comparison: dict):
-    """Mean delta mIoU (pp) per comparison with its 95 % CI, against the gate's thresholds."""
+    """Per comparison: pooled delta with its bootstrap CI and mean per-parent delta with its t-interval (pp)."""
     names = list(comparison)
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.5))
+    # constrained layout keeps title, labels and the legend below the axes inside the figure
+    fig, ax = plt.subplots(figsize=(7.5, 0.8 * len(names) + 2.2), layout="constrained")
+    rows = (("delta_miou_pp", "ci95_pp", 0.15, "o", "#1f77b4", "pooled Δ, bootstrap CI (parents, seeds)"),
+            ("parent_mean_delta_pp", "parent_t_ci95_pp", -0.15, "s", "#d62728", "mean per-parent Δ, t-interval"))
+    labelled = set()
     for i, name in enumerate(names):
         c = comparison[name]
-        lo, hi = c.get("ci95_pp", [c["delta_miou_pp"]] * 2)
-        ax.errorbar(c["delta_miou_pp"], i, xerr=[[c["delta_miou_pp"] - lo], [hi - c["delta_miou_pp"]]], fmt="o", capsize=4)
+        for centre, interval, dy, marker, colour, label in rows:
+            if c.get(centre) is not None:   # results of older runs have no per-parent row
+                _forest_row(ax, i + dy, c[centre], c.get(interval), marker, colour, None if label in labelled else label)
+                labelled.add(label)
     for x, style in ((0, "-"), (1, ":"), (2, "--")):
         ax.axvline(x, color="grey", linestyle=style, linewidth=1)
     ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("Δ mIoU (pp), TiM - baseline; lines: 0, publish (+1), strong (+2)")
-    ax.set_title("TiM effect, 95 % CI from a paired bootstrap over test parents and seeds (none: < 2 parents)", fontsize=9)
-    fig.tight_layout()
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.set_xlabel("Δ mIoU (pp), TiM − baseline; lines: 0, publish (+1), strong (+2)")
+    ax.set_title("TiM effect with 95 % intervals over test parents\n(no interval: fewer than 2 test parents)", fontsize=9)
+    fig.legend(fontsize=8, loc="outside lower center", ncol=2, frameon=False)  # below the axes: never over a bar
     return fig
 
 

@@ -25,7 +25,20 @@ def class_pixels(index) -> pd.DataFrame:
     return table.reindex(list(chips.SPLITS)).fillna(0).astype(int)
 
 
-def data_summary(index, spec: chips.DatasetSpec) -> dict:
+def fold_overview(roles: pd.DataFrame) -> pd.DataFrame:
+    """Parents (rows) x folds (columns): each parent's split in each fold, and its chips."""
+    table = roles.pivot(index="parent_id", columns="fold", values="split").rename(columns=lambda f: f"fold {f}")
+    return table.join(roles.groupby("parent_id")["chips"].first())
+
+
+def fold_sizes(roles: pd.DataFrame) -> pd.DataFrame:
+    """Per fold and split: chips and parents."""
+    table = roles.groupby(["fold", "split"]).agg(chips=("chips", "sum"), parents=("parent_id", "size"))
+    return table.unstack("split").reindex(columns=list(chips.SPLITS), level=1).fillna(0).astype(int)
+
+
+def data_summary(index, spec: chips.DatasetSpec, roles: pd.DataFrame | None = None) -> dict:
+    """The dataset in numbers; with cross-validation ``roles`` (:func:`nycdata.chips.fold_roles`), the folds too."""
     pixels = class_pixels(index)
     fractions = pixels[list(CLASS_NAMES)].div(pixels[list(CLASS_NAMES)].sum(axis=1), axis=0)
     return {
@@ -35,26 +48,52 @@ def data_summary(index, spec: chips.DatasetSpec) -> dict:
         "class_pixels": pixels.to_dict(orient="index"),
         "class_fraction": fractions.round(6).to_dict(orient="index"),
         "bounds_lonlat": [float(v) for v in index.total_bounds],
+        "cv_folds": 0 if roles is None else int(roles["fold"].nunique()),
+        "folds": None if roles is None else {
+            str(fold): {split: {"chips": int(g.loc[g.split == split, "chips"].sum()), "parents": int((g.split == split).sum())}
+                        for split in chips.SPLITS} for fold, g in roles.groupby("fold")},
     }
 
 
-def parameter_counts(model: torch.nn.Module) -> pd.DataFrame:
-    """Trainable and frozen parameters per top-level part (TiM's generator and tokenizer shown apart)."""
-    rows: dict[str, list[int]] = {}
-    for name, param in model.named_parameters():
-        part = _part_of(name)
-        counts = rows.setdefault(part, [0, 0])
-        counts[0 if param.requires_grad else 1] += param.numel()
-    table = pd.DataFrame.from_dict(rows, orient="index", columns=["trainable", "frozen"])
+PARAMETER_GROUPS = ("input embeddings", "thought embedding", "encoder blocks", "decoder and head", "generator", "tokenizer")
+
+
+def parameter_groups(model: torch.nn.Module) -> pd.DataFrame:
+    """Trainable and frozen parameters per group, and how many the fine-tuned model shares with TiM's generator.
+
+    A tensor shared between the fine-tuned encoder and the generator (terratorch's ``tim_chained_generations``)
+    is counted once, in the encoder's group, with ``shared_with_generator`` saying so. Every row is present
+    (zeros for a plain backbone), so tables of different variants line up.
+    """
+    from nycdata.tim import thought_embedding_keys
+
+    thought_keys = thought_embedding_keys(model)
+    generator = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if ".sampler." in n}
+    table = pd.DataFrame(0, index=list(PARAMETER_GROUPS), columns=["trainable", "frozen", "shared_with_generator"])
+    for name, param in model.named_parameters():  # shared tensors once, under their first (the encoder's) name
+        group = _group_of(name, thought_keys)
+        table.loc[group, "trainable" if param.requires_grad else "frozen"] += param.numel()
+        if group != "generator" and id(param) in generator:
+            table.loc[group, "shared_with_generator"] += param.numel()
     table.loc["total"] = table.sum()
     return table
 
 
-def _part_of(name: str) -> str:
-    for marker, part in ((".sampler.", "tim generator (frozen copy)"), (".tokenizer.", "tim tokenizer (unused in forward)")):
-        if marker in name:
-            return part
-    return name.split(".")[0]
+def groups_side_by_side(models: dict[str, torch.nn.Module]) -> pd.DataFrame:
+    """Trainable (and frozen) parameters per group, one column pair per model: what each arm trains."""
+    tables = {label: parameter_groups(model)[["trainable", "frozen"]] for label, model in models.items()}
+    return pd.concat(tables, axis=1)
+
+
+def _group_of(name: str, thought_keys: tuple[str, ...]) -> str:
+    if ".sampler." in name:
+        return "generator"
+    if ".tokenizer." in name:
+        return "tokenizer"
+    if ".encoder_embeddings." in name:
+        key = name.split(".encoder_embeddings.", 1)[1].split(".", 1)[0]
+        return "thought embedding" if key in thought_keys else "input embeddings"
+    return "encoder blocks" if name.startswith("encoder.") else "decoder and head"
 
 
 def time_train_step(task, batch: Mapping, repeats: int = 1) -> dict:

@@ -44,6 +44,20 @@ def _require(root: Path, name: str) -> Path:
     return path
 
 
+def _verdict_text(name: str, c: Mapping) -> str:
+    """One comparison's verdict in the report's words: a missing interval reads as in summary.md, never as NaN."""
+    from nycdata.stats import interval_text
+
+    n = c["n_parents"]
+    delta = c.get("delta_miou_pp_rounded", c["delta_miou_pp"])
+    p = c.get("sign_flip_p")
+    sign_flip = f", sign-flip p {p:.3g} over {n} test parent{'' if n == 1 else 's'}" if p is not None else ""
+    excludes = "exclude 0" if c.get("interval_excludes_zero", c["ci_excludes_zero"]) else "do not both exclude 0"
+    return (f"{name}: {delta:+.2f} pp, 95 % CI bootstrap {interval_text(c['ci95_pp'], n)}, parent t-interval "
+            f"{interval_text(c.get('parent_t_ci95_pp'), n)}{sign_flip} (intervals {excludes}), {c['verdict']}, "
+            f"publish={c['publish']}" + (f" (rule {c['publish_rule']})" if "publish_rule" in c else ""))
+
+
 def model_card(root: Path, params: Mapping) -> str:
     """A Hugging Face model card: model, data, classes, splits, metrics with CIs, limitations, how to reproduce."""
     from nycdata.classes import CLASSES
@@ -51,8 +65,7 @@ def model_card(root: Path, params: Mapping) -> str:
     comparison = json.loads(_require(root, "comparison.json").read_text())
     data = json.loads(_require(root, "data_summary.json").read_text())
     summary = _require(root, "summary.md").read_text()
-    verdicts = "; ".join(f"{n}: {c['delta_miou_pp']:+.2f} pp, 95 % CI [{c['ci95_pp'][0]:+.2f}, {c['ci95_pp'][1]:+.2f}], "
-                         f"{c['verdict']}, publish={c['publish']}" for n, c in comparison.items())
+    verdicts = "; ".join(_verdict_text(n, c) for n, c in comparison.items())
     front = {"library_name": "terratorch", "license": "apache-2.0", "pipeline_tag": "image-segmentation",
              "tags": ["terramind", "thinking-in-modalities", "land-cover", "new-york-city", "sentinel-2", "sentinel-1"]}
     classes = "\n".join(f"| {c.index} | {c.name} | {', '.join(map(str, c.worldcover_codes))} |" for c in CLASSES)
@@ -121,9 +134,14 @@ def upload_plan(params: Mapping, comparison_name: str = "tim_vs_baseline") -> li
     plan = [(supplement / CARD_FILE, "README.md"), (supplement / "comparison.json", "comparison.json"),
             (supplement / "results.csv", "results.csv")]
     comparison = json.loads((supplement / "comparison.json").read_text())[comparison_name]
-    if comparison["publish"]:
+    if comparison["publish"]:  # the first seed's model of every fold (cross-validation trains one per fold)
+        from nycdata.evaluate import finished_runs
+
         seed = comparison["seeds"][0]
-        plan.append((root / comparison["tim"] / f"seed{seed}" / "checkpoints" / "best.ckpt", f"{comparison['tim']}_seed{seed}.ckpt"))
+        for run in finished_runs(root):
+            if run.variant == comparison["tim"] and run.seed == seed:
+                fold = "" if run.fold is None else f"_fold{run.fold}"
+                plan.append((run.path / "checkpoints" / "best.ckpt", f"{run.variant}{fold}_seed{seed}.ckpt"))
     return plan
 
 

@@ -1,20 +1,31 @@
-"""TiM at baseline cost: think once per chip, timestep and D4 transform, then train on the cached thoughts.
+"""TiM at baseline cost: think once per chip, D4 transform and sample, then train on the cached thoughts.
 
-The frozen generator never changes, yet online TiM re-runs it in every
-training step. The caching pass runs the verified online TiM model once per
-chip x D4 transform (the thought of a flipped image is generated from the
-flipped image) x K samples, and stores the token ids as
-``<run>/thought_cache/<variant>/<chip_id>.npy`` (``[8, K, T, h, w]`` int16, a few KB).
-A ``*_cached`` variant's TiM backbone then reads those ids from the batch
-(``image["THOUGHTS"]``) instead of calling the generator, which is not even
-kept in the model: :class:`CachedThoughts` takes its place.
+The frozen generator never changes, yet online TiM re-runs it in every training step. The caching pass runs
+the verified online TiM model over every chip x 8 D4 transforms (the thought of a flipped image is generated
+from the flipped image) x ``thought_cache_samples`` samples (at least ``thought_samples``, which test pass k
+reads), on the training accelerator under the training precision, and stores the token ids as
+``<run>/thought_cache/<variant>/<chip_id>.npy`` (``[8, samples, T, h, w]`` int16, a few KB). A ``*_cached``
+variant's TiM backbone then reads those ids from the batch (``image["THOUGHTS"]``) instead of calling the
+generator, which is not even kept in the model: :class:`CachedThoughts` takes its place. Training reads one
+sample per chip and epoch, drawn by :class:`nycdata.data.EpochDraws`, so the model does not see one frozen
+thought for every epoch.
+
+Thought sampling is seeded per (chip, sample, ``thought_seed``), the 8 transforms of one chip being one batch:
+no two chips share noise, and a rerun writes the same bytes. The cache is shared by the training seeds and
+folds of a run (a fixed population of thoughts each run samples from); its ``cache.json`` records everything
+that changes thoughts, and a cache made under other settings is refused, naming the difference.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import json
+import random
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -27,6 +38,7 @@ THOUGHTS_KEY = "THOUGHTS"
 PATCH = 16
 CACHE_DIR = "thought_cache"
 DONE_FILE = "cache.json"
+CACHE_FORMAT = "nycdata-thoughts/2"  # 2: all chips, per-(chip, sample, thought_seed) seeding, identity in cache.json
 
 
 class CachedThoughts(torch.nn.Module):
@@ -76,55 +88,155 @@ def cache_root(params: Mapping, variant) -> Path:
     return run_root(params) / CACHE_DIR / variant.online
 
 
+def cached_samples(params: Mapping) -> int:
+    """Thought samples cached per chip and transform: enough for training and for every test pass."""
+    return max(int(params["thought_cache_samples"]), int(params["thought_samples"]), 1)
+
+
+def cache_identity(params: Mapping, online) -> dict:
+    """Everything that changes the cached thoughts; a cache whose ``cache.json`` says otherwise is refused."""
+    data_root = resolve_path(params["data_root"])
+    return {
+        "format": CACHE_FORMAT, "variant": online.name, "inputs": list(online.modalities), "thinks": list(online.thoughts),
+        "model_size": params["model_size"], "generator_weights": generator_identity(params),
+        **{k: params[k] for k in ("tim_decoding_steps", "tim_temperature", "tim_top_p", "tim_top_k", "thought_seed",
+                                  "precision", "timesteps", "normalization")},
+        "chip_size": chips.DatasetSpec.read(data_root).chip_size, "samples": cached_samples(params),
+        "dataset_sha256": file_sha256(data_root / chips.SPEC_FILE, data_root / chips.INDEX_FILE),
+    }
+
+
+def generator_identity(params: Mapping) -> dict:
+    """The generator's weights: the checkpoint file and its checksum, or the shared random generator."""
+    from nycdata import weights
+    from nycdata.tim import RANDOM_GENERATOR_SEED
+
+    source = weights.generator_source(params)
+    if source is None:
+        return {"random_generator_seed": RANDOM_GENERATOR_SEED, "terratorch": _version("terratorch")}
+    return {"file": Path(source).name, "sha256": file_sha256(Path(source))}
+
+
+def check_identity(root: Path, expected: dict) -> None:
+    recorded = json.loads((root / DONE_FILE).read_text()).get("identity", {})
+    differences = [f"{k}: cache {recorded.get(k)!r}, params {v!r}" for k, v in expected.items() if recorded.get(k) != v]
+    if differences:
+        raise ValueError(f"thought cache {root} was made under other settings ({'; '.join(differences)}). Delete "
+                         f"{root} to regenerate it with these params, or choose another run_name.")
+
+
 def cache_thoughts(params: Mapping, variant, log: Callable[[str], None] = print) -> Path:
-    """Generate (once) the thoughts a ``*_cached`` variant reads; the generator is freed afterwards."""
-    from nycdata.data import D4_TRANSFORMS, ChipDataset
-    from nycdata.train import build_task
+    """Generate (once) the thoughts a ``*_cached`` variant reads; reuse a finished cache made under the same settings."""
+    from nycdata.data import ChipDataset
+    from nycdata.train import build_task, training_device
     from nycdata.variants import get_variant
 
-    root = cache_root(params, variant)
+    root, online = cache_root(params, variant), get_variant(variant.online)
+    identity = cache_identity(params, online)
     if (root / DONE_FILE).is_file():
+        check_identity(root, identity)
         return root
-    online = get_variant(variant.online)
     task = build_task(params, online)  # verifies the generator like any TiM build
-    task.model.eval()
-    samples, started, n_chips = params["thought_samples"], time.monotonic(), 0
+    task.model.eval().to(training_device(params))
     data_root = resolve_path(params["data_root"])
-    with replace_dir_atomically(root, overwrite=True) as tmp, torch.no_grad():
-        for split in chips.SPLITS:
-            dataset = ChipDataset(data_root, split, online.modalities, "none", params["normalization"])
-            transforms = range(D4_TRANSFORMS) if split == "train" else range(1)
+    datasets = [ChipDataset(data_root, split, online.modalities, params["normalization"]) for split in chips.SPLITS]
+    progress = Progress(sum(map(len, datasets)), "thought cache", log)
+    with replace_dir_atomically(root, overwrite=True) as tmp:
+        for dataset in datasets:  # every chip: with cross-validation every chip trains in some fold
             for i in range(len(dataset)):
                 sample = dataset[i]
-                np.save(tmp / f"{sample['filename']}.npy", think_chip(task, sample, transforms, samples, params["seed"]))
-                n_chips += 1
-        seconds = time.monotonic() - started
-        write_json(tmp / DONE_FILE, {"variant": online.name, "samples": samples, "chips": n_chips,
-                                     "seconds": seconds, "seconds_per_chip": seconds / max(n_chips, 1)})
+                ids = think_chip(task, sample, identity["samples"], params["thought_seed"], params["precision"])
+                np.save(tmp / f"{sample['filename']}.npy", ids)
+                progress.step()
+        write_json(tmp / DONE_FILE, {"identity": identity, "samples": identity["samples"], "chips": progress.done,
+                                     "seconds": progress.elapsed(), "device": str(training_device(params))})
     del task  # the generator is only needed for this pass
-    log(f"cached thoughts of {n_chips} chips in {seconds:.0f} s into {root}")
+    log(f"cached thoughts of {progress.done} chips x 8 transforms x {identity['samples']} samples in "
+        f"{progress.elapsed():.0f} s into {root}")
     return root
 
 
 @torch.no_grad()
-def think_chip(task, sample: dict, transforms, samples: int, seed: int) -> np.ndarray:
-    """Thought ids ``[8, samples, T, h, w]`` of one chip for the given D4 transforms (others stay 0)."""
+def think_chip(task, sample: dict, samples: int, thought_seed: int, precision: str = "32-true") -> np.ndarray:
+    """Thought ids ``[8, samples, T, h, w]`` of one chip: its 8 D4 transforms in one batch, one generation per sample."""
     from nycdata.data import D4_TRANSFORMS, d4_transform
     from nycdata.tim import capture_thoughts, tim_backbone
-    from nycdata.train import seed_everything
 
     device = next(task.model.parameters()).device
     modality = tim_backbone(task.model).tim_modalities[0]
+    image = {m: torch.stack([d4_transform(x, k) for k in range(D4_TRANSFORMS)]).to(device)
+             for m, x in sample["image"].items()}
     timesteps = next(iter(sample["image"].values())).shape[1]
     ids = np.zeros((D4_TRANSFORMS, samples, timesteps, *_token_grid(sample)), np.int16)
-    for k in transforms:
-        image = {m: d4_transform(x, k)[None].to(device) for m, x in sample["image"].items()}
-        for s in range(samples):
-            seed_everything(seed + 1000 * s + k)
-            with capture_thoughts(task.model) as capture:
-                task.model.encoder(image)
-            ids[k, s] = capture.grid(modality, 1)[0].cpu().numpy()
+    for s in range(samples):
+        # TiM draws its generation seed from Python's random: seed it per (chip, sample, thought_seed), put it back after
+        with _python_random_seeded(thought_stream_seed(sample["filename"], s, thought_seed)), \
+                capture_thoughts(task.model) as capture, autocast(precision, device):
+            task.model.encoder(image)
+        ids[:, s] = capture.grid(modality, D4_TRANSFORMS).cpu().numpy()
     return ids
+
+
+def thought_stream_seed(chip: str, sample: int, thought_seed: int) -> int:
+    """A stable 31-bit seed per (chip, sample, thought_seed), the same in every process and on every machine."""
+    digest = hashlib.sha256(f"{chip}|{sample}|{thought_seed}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def _python_random_seeded(seed: int) -> Iterator[None]:
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast Lightning's ``precision`` runs the forward under (none for 32/64-bit)."""
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0])
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+class Progress:
+    """``label: i/N chips, s elapsed, ETA s`` lines about every 10 % of the work (plain text for papermill logs)."""
+
+    def __init__(self, total: int, label: str, log: Callable[[str], None]):
+        self.total, self.label, self.log, self.done, self.started = total, label, log, 0, time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def step(self) -> None:
+        self.done += 1
+        if self.done == self.total or self.done % max(1, self.total // 10) == 0:
+            eta = self.elapsed() / self.done * (self.total - self.done)
+            self.log(f"{self.label}: {self.done}/{self.total} chips, {self.elapsed():.0f} s elapsed, ETA {eta:.0f} s")
+
+
+def file_sha256(*paths: Path) -> str:
+    """sha256 over the files' bytes, remembered per (path, size, mtime) so a 1.4 GB checkpoint is hashed once."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = Path(path).stat()
+        digest.update(_file_digest(str(path), stat.st_size, stat.st_mtime_ns))
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=32)
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**24), b""):
+            digest.update(block)
+    return digest.digest()
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    return metadata.version(package)
 
 
 def _token_grid(sample: dict) -> tuple[int, int]:
@@ -134,8 +246,6 @@ def _token_grid(sample: dict) -> tuple[int, int]:
 
 def cached_sample_count(root: Path) -> int:
     """Thought samples per chip and transform in a finished cache."""
-    import json
-
     done = Path(root) / DONE_FILE
     if not done.is_file():
         raise FileNotFoundError(f"{done} missing: the thought cache at {root} is unfinished; delete it to regenerate")

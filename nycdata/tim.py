@@ -10,6 +10,7 @@ This module wraps those spots thinly instead of copying terratorch's code.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -67,6 +68,61 @@ def freeze_unused_tokenizer(model: torch.nn.Module) -> int:
     for param in backbone.tokenizer.parameters():
         param.requires_grad_(False)
         frozen += param.numel()
+    return frozen
+
+
+def input_embeddings(model: torch.nn.Module) -> torch.nn.ModuleDict:
+    """The fine-tuned TerraMind encoder's ``encoder_embeddings`` (patch and modality embeddings, thought embedding for TiM)."""
+    for name, module in model.named_modules():
+        if name.endswith("encoder_embeddings") and ".sampler." not in name and isinstance(module, torch.nn.ModuleDict):
+            return module
+    raise ValueError("no TerraMind encoder_embeddings in this model")
+
+
+def thought_embedding_keys(model: torch.nn.Module) -> tuple[str, ...]:
+    """Keys of ``encoder_embeddings`` that embed thoughts (e.g. ``tok_lulc@224``); empty for a plain backbone."""
+    backbone = tim_backbone(model)
+    return () if backbone is None else tuple(backbone.mod_name_mapping[m] for m in backbone.tim_modalities)
+
+
+def embeddings_shared_with_generator(model: torch.nn.Module) -> int:
+    """How many parameter tensors the fine-tuned encoder's embeddings share with TiM's generator (0: none)."""
+    backbone = tim_backbone(model)
+    generator = getattr(getattr(backbone, "sampler", None), "model", None)
+    if generator is None:
+        return 0
+    own = {id(p) for p in input_embeddings(model).parameters()}
+    return sum(id(p) in own for p in generator.parameters())
+
+
+def untie_generator_embeddings(model: torch.nn.Module) -> int:
+    """Give TiM's frozen generator its own copy of the embeddings it shares with the fine-tuned encoder, and let the
+    encoder's train as the baseline's do; return how many tensors were shared (0 for a plain backbone).
+
+    terratorch's TiM (``tim_chained_generations=True``, the default since terratorch PR #1152) builds the generator
+    on the encoder's own embedding modules and then freezes the whole generator, so every TiM fine-tune keeps its
+    S2/S1/DEM patch embeddings and its thought embedding frozen while the baseline trains them: any difference would
+    mix thinking with freezing. ``tim_chained_generations=False`` would separate them too, but its generator then has
+    no embedding for the thought modality and silently ignores its own partly decoded tokens when
+    ``tim_decoding_steps > 1``. A deep copy of the whole generator keeps it exactly as built and loaded (its internal
+    ties, e.g. decoder and encoder modality embeddings, survive ``deepcopy``), equal tensor by tensor to the checkpoint.
+    """
+    backbone = tim_backbone(model)
+    if backbone is None:
+        return 0
+    shared = embeddings_shared_with_generator(model)
+    if shared:
+        backbone.sampler.model = copy.deepcopy(backbone.sampler.model).requires_grad_(False)
+    input_embeddings(model).requires_grad_(True)
+    return shared
+
+
+def freeze_input_embeddings(model: torch.nn.Module) -> int:
+    """Freeze the encoder's embeddings the way upstream TiM's sharing does; return how many parameters were frozen."""
+    frozen = 0
+    for param in input_embeddings(model).parameters():
+        frozen += param.numel() if param.requires_grad else 0
+        param.requires_grad_(False)
     return frozen
 
 

@@ -1,6 +1,6 @@
 """Fine-tuning one variant with one seed: terratorch's SemanticSegmentationTask under Lightning.
 
-A run writes into ``output_root/run_name/<variant>/seed<k>/``: ``checkpoints/``
+A run writes into :func:`cell_dir` (``output_root/run_name/<variant>/[fold<f>/]seed<k>/``): ``checkpoints/``
 (``best.ckpt`` on val loss, ``last.ckpt``), ``metrics.csv`` (CSVLogger) and,
 only when training finished, ``train_summary.json``. An existing run folder
 is an error unless ``resume`` is true, which continues from ``last.ckpt``.
@@ -9,24 +9,29 @@ is an error unless ``resume`` is true, which continues from ``last.ckpt``.
 from __future__ import annotations
 
 import json
+import random
 import time
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
 import lightning.pytorch as pl
+import numpy as np
 import pandas as pd
 import torch
 from terratorch.tasks import SemanticSegmentationTask
 
 from nycdata.classes import CLASS_NAMES, IGNORE_INDEX
 from nycdata.io import write_json
-from nycdata.params import run_root
-from nycdata.tim import (check_generator, freeze_unused_tokenizer, generator_tensor_count, isolate_thought_rng,
-                         share_random_generator, tim_backbone)
+from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir, run_root
+from nycdata.summaries import parameter_groups
+from nycdata.data import record_folds
+from nycdata.model import backbone_built_outside_global_rng
+from nycdata.tim import (check_generator, freeze_input_embeddings, freeze_unused_tokenizer, generator_tensor_count,
+                         isolate_thought_rng, share_random_generator, tim_backbone, untie_generator_embeddings)
 from nycdata.variants import Variant, get_variant, variant_model_args
 
-SUMMARY_FILE = "train_summary.json"
+SUMMARY_FILE = TRAIN_SUMMARY_FILE
 METRICS_FILE = "metrics.csv"
 WALL_TIME_FILE = "wall_time_s.txt"
 MONITOR = "val/loss"
@@ -44,22 +49,29 @@ class NYCSegmentationTask(SemanticSegmentationTask):
     generator and its tokenizer (~184 M parameters) would sit in its param groups.
     """
 
-    def __init__(self, *args, cached_thoughts: bool = False, thought_seed: int = 0, **kwargs):
+    def __init__(self, *args, cached_thoughts: bool = False, thought_seed: int = 0,
+                 share_generator_embeddings: bool = False, frozen_input_embeddings: bool = False, **kwargs):
         # Lightning re-feeds every saved hyperparameter when loading a checkpoint, and terratorch records ``task``,
         # which its __init__ does not take. (The plain ``super().__init__(*args, **kwargs)`` lets the terratorch
         # CLI read the parent's signature.)
         kwargs.pop("task", None)
-        super().__init__(*args, **kwargs)
-        self.hparams["cached_thoughts"] = cached_thoughts
-        self.hparams["thought_seed"] = thought_seed
+        with backbone_built_outside_global_rng():  # same decoder/head init in every variant with one seed
+            super().__init__(*args, **kwargs)
+        self.hparams.update(cached_thoughts=cached_thoughts, thought_seed=thought_seed,
+                            share_generator_embeddings=share_generator_embeddings,
+                            frozen_input_embeddings=frozen_input_embeddings)
         share_random_generator(self.model, self.hparams["model_args"])
         freeze_unused_tokenizer(self.model)  # here, so the terratorch CLI path freezes it too
         if cached_thoughts:
             from nycdata.thought_cache import use_cached_thoughts
 
-            use_cached_thoughts(self.model)
-        else:
-            isolate_thought_rng(self.model, thought_seed)
+            use_cached_thoughts(self.model)  # drops the generator, and with it any sharing of embeddings
+        if not share_generator_embeddings:
+            untie_generator_embeddings(self.model)  # TiM's embeddings train like the baseline's (see its docstring)
+        if frozen_input_embeddings:
+            freeze_input_embeddings(self.model)
+        if not cached_thoughts:
+            isolate_thought_rng(self.model, thought_seed)  # after untying: it remembers the generator's device
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Leave TiM's tokenizer out: never trained, never used in forward, rebuilt when the task is built."""
@@ -89,6 +101,8 @@ def task_kwargs(params: Mapping, variant: Variant) -> dict:
         scheduler="ReduceLROnPlateau",
         scheduler_hparams={"factor": float(params["lr_factor"]), "patience": params["lr_patience"]},
         freeze_backbone=False, plot_on_val=False, cached_thoughts=variant.cached, thought_seed=int(params["thought_seed"]),
+        share_generator_embeddings=bool(params["tim_share_embeddings"]),
+        frozen_input_embeddings=variant.frozen_embeddings or (variant.is_tim and bool(params["tim_share_embeddings"])),
     )
 
 
@@ -155,7 +169,8 @@ def _appending_csv_logger(run_dir: Path):
 
 
 def variant_datamodule(params: Mapping, variant: Variant, log: Callable[[str], None] = print, **overrides):
-    """The DataModule a variant reads: its own inputs, plus generated LULC for ``tim_input`` (generated on first use)."""
+    """The DataModule a variant reads: its own inputs, plus generated LULC for ``tim_input`` (generated on first use)
+    or the thought cache of a ``*_cached`` variant (filled on first use), for the fold and seed of ``params``."""
     from nycdata.data import NYCDataModule
 
     generated = cache = None
@@ -171,8 +186,34 @@ def variant_datamodule(params: Mapping, variant: Variant, log: Callable[[str], N
                                      thought_cache=cache, **overrides)
 
 
-def seed_run_dir(params: Mapping, variant: str, seed: int) -> Path:
-    return run_root(params) / variant / f"seed{seed}"
+def training_device(params: Mapping) -> torch.device:
+    """The device Lightning's ``accelerator`` resolves to (one device)."""
+    wants_gpu = params["accelerator"] in ("gpu", "cuda") or (params["accelerator"] == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if wants_gpu else "cpu")
+
+
+def step_seed(seed: int, epoch: int, batch: int) -> int:
+    return int(np.random.SeedSequence([seed % 2**32, epoch, batch]).generate_state(1)[0])
+
+
+class BatchSeeds(pl.Callback):
+    """Reseed Python ``random``, numpy and torch (CPU and every GPU) from (seed, epoch, batch) before each training batch.
+
+    The global RNG drives dropout and TiM's generation seeds. Lightning and the loaders also draw from it, at
+    moments that differ between a fresh and a resumed run (iterator seeds, sanity check), so neither a saved RNG
+    state nor one seed per epoch makes a run resumed from ``last.ckpt`` continue the uninterrupted one (measured:
+    the first batch after resuming saw another RNG state). With one stream per batch every batch trains with the
+    same draws either way, and every variant with one seed gets the same streams, so dropout matches across arms.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        seed = step_seed(self.seed, trainer.current_epoch, batch_idx)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
 
 
 def make_trainer(params: Mapping, run_dir: Path, log: Callable[[str], None], callbacks=()) -> pl.Trainer:
@@ -183,29 +224,31 @@ def make_trainer(params: Mapping, run_dir: Path, log: Callable[[str], None], cal
     stopper = EarlyStopping(monitor=MONITOR, mode="min", patience=params["early_stopping_patience"])
     return pl.Trainer(
         max_epochs=params["max_epochs"], accelerator=params["accelerator"], devices=params["devices"],
-        precision=params["precision"], logger=_appending_csv_logger(run_dir),
-        callbacks=[checkpoint, stopper, EpochLog(log), *callbacks], enable_progress_bar=False,
-        enable_model_summary=False, log_every_n_steps=1, default_root_dir=run_dir,
+        precision=params["precision"], logger=_appending_csv_logger(run_dir), deterministic=params["deterministic"],
+        callbacks=[checkpoint, stopper, BatchSeeds(params["seed"]), EpochLog(log), *callbacks],
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, default_root_dir=run_dir,
     )
 
 
 def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = None,
               log: Callable[[str], None] = print, callbacks=()) -> dict:
-    """Fine-tune ``params['variant']``; return (and write) the train summary."""
-    variant = get_variant(params["variant"])
-    seed = params["seed"] if seed is None else seed
-    resume = params["resume"] if resume is None else resume
-    run_dir = seed_run_dir(params, variant.name, seed)
+    """Fine-tune ``params['variant']`` on fold ``params['fold']`` with ``seed``; return (and write) the train summary."""
+    cell = {**params, "seed": params["seed"] if seed is None else seed}
+    variant = get_variant(cell["variant"])
+    resume = cell["resume"] if resume is None else resume
+    run_dir = cell_dir(cell)
     last = run_dir / "checkpoints" / "last.ckpt"
     _check_run_dir(run_dir, resume, last)
     if (run_dir / SUMMARY_FILE).is_file():
         log(f"{run_dir} already finished; nothing to resume")
         return json.loads((run_dir / SUMMARY_FILE).read_text())
-    datamodule = variant_datamodule(params, variant, log)
-    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
-    seed_everything(seed)
-    task = build_task({**params, "variant": variant.name}, variant)
-    trainer = make_trainer(params, run_dir, log, callbacks)
+    record_folds(cell)  # folds.csv, or an error when the run folder's folds were other ones
+    datamodule = variant_datamodule(cell, variant, log)
+    torch.backends.cudnn.benchmark = not cell["deterministic"]  # fixed input sizes: cuDNN picks its fastest kernels once
+    seed_everything(cell["seed"])
+    task = build_task(cell, variant)
+    groups = parameter_groups(task.model)
+    trainer = make_trainer(cell, run_dir, log, callbacks)
     started = time.monotonic()
     try:
         with warnings.catch_warnings():
@@ -213,7 +256,7 @@ def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = No
             trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
     finally:  # an interrupted leg still counts towards the run's wall time
         _add_wall_time(run_dir, time.monotonic() - started)
-    return _write_summary(run_dir, variant, seed, trainer)
+    return _write_summary(run_dir, variant, cell, trainer, groups)
 
 
 def _check_run_dir(run_dir: Path, resume: bool, last: Path) -> None:
@@ -227,14 +270,19 @@ def _check_run_dir(run_dir: Path, resume: bool, last: Path) -> None:
                                 f"Delete {run_dir} and start again.")
 
 
-def _write_summary(run_dir: Path, variant: Variant, seed: int, trainer: pl.Trainer) -> dict:
+def _write_summary(run_dir: Path, variant: Variant, params: Mapping, trainer: pl.Trainer, groups) -> dict:
     epochs = read_epoch_metrics(run_dir)
     best = epochs.loc[epochs[MONITOR].idxmin()]
     summary = {
-        "variant": variant.name, "seed": seed, "epochs_run": int(epochs["epoch"].max()) + 1,
+        "variant": variant.name, "seed": params["seed"], "fold": params["fold"] if params["cv_folds"] else None,
+        "cv_folds": params["cv_folds"], "thought_seed": params["thought_seed"] if variant.is_tim else None,
+        "tim_share_embeddings": params["tim_share_embeddings"] if variant.is_tim else None,
+        "deterministic": params["deterministic"],
+        "epochs_run": int(epochs["epoch"].max()) + 1,
         "max_epochs": trainer.max_epochs, "stopped_early": bool(trainer.should_stop and trainer.current_epoch < trainer.max_epochs),
         "best_epoch": int(best["epoch"]), "best_val": {k: float(v) for k, v in best.items() if k.startswith("val/")},
         "wall_time_s": _add_wall_time(run_dir, 0.0),
+        "parameters": groups.to_dict(orient="index"),
         "best_checkpoint": "checkpoints/best.ckpt", "last_checkpoint": "checkpoints/last.ckpt",
     }
     write_json(run_dir / SUMMARY_FILE, summary)

@@ -25,6 +25,7 @@ class Variant:
     description: str
     generated: tuple[str, ...] = ()  # inputs generated once by TerraMind's generate model (see nycdata.generated)
     cached: bool = False  # reads thoughts cached once per chip x D4 transform (see nycdata.thought_cache)
+    frozen_embeddings: bool = False  # input embeddings frozen, as upstream TiM's sharing with its generator freezes them
 
     @property
     def online(self) -> str:
@@ -49,6 +50,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("baseline", INPUT_MODALITIES, (), "S2L2A + S1RTC + DEM, plain TerraMind (the original Phase 2 model)"),
     Variant("tim", INPUT_MODALITIES, ("LULC",), "same inputs, thinks LULC first (the original Phase 3 TiM model)"),
     Variant("tim_ndvi", INPUT_MODALITIES, ("NDVI",), "same inputs, thinks NDVI: TiM without a self-referential LULC thought"),
+    Variant("baseline_frozen_embed", INPUT_MODALITIES, (), "baseline with its input embeddings frozen, as terratorch's "
+            "TiM freezes them (tim_share_embeddings: true): separates freezing from thinking", frozen_embeddings=True),
     Variant("baseline_s1", S1_INPUTS, (), "radar + DEM only, plain TerraMind"),
     Variant("tim_s1", S1_INPUTS, ("LULC",), "radar + DEM only, thinks LULC: where TiM should help most"),
     Variant("tim_input", INPUT_MODALITIES, (), "the seed's fallback: LULC generated once by TerraMind, read as a 4th input",
@@ -58,10 +61,14 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("tim_s1_cached", S1_INPUTS, ("LULC",), "tim_s1 with cached thoughts", cached=True),
 )}
 
-# The comparison each TiM variant answers: (TiM variant, its baseline).
+# The comparison each TiM variant answers: (TiM variant, its baseline). A TiM variant is compared with
+# baseline_frozen_embed too, the matched control when tim_share_embeddings reproduces upstream's frozen embeddings.
 COMPARISONS: tuple[tuple[str, str], ...] = (("tim", "baseline"), ("tim_ndvi", "baseline"), ("tim_s1", "baseline_s1"),
                                              ("tim_input", "baseline"), ("tim_cached", "baseline"),
-                                             ("tim_ndvi_cached", "baseline"), ("tim_s1_cached", "baseline_s1"))
+                                             ("tim_ndvi_cached", "baseline"), ("tim_s1_cached", "baseline_s1"),
+                                             ("tim", "baseline_frozen_embed"), ("tim_cached", "baseline_frozen_embed"))
+# Controls: what freezing alone does, no thinking involved (no gate, never published).
+CONTROLS: tuple[tuple[str, str], ...] = (("baseline_frozen_embed", "baseline"),)
 
 
 def get_variant(name: str) -> Variant:

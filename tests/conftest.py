@@ -33,7 +33,7 @@ def fixture_copy(pristine_fixture_dir, tmp_path):
 
 
 # --- the notebook chain, run once per session for tests/test_notebooks.py and tests/test_supplement.py
-CHAIN_CHIPS, CHAIN_SIZE, CHAIN_TIMESTEPS = 9, 32, 2
+CHAIN_CHIPS, CHAIN_SIZE, CHAIN_TIMESTEPS = 16, 32, 2
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""DataModule batches: shapes, dtypes, normalisation, DEM over T, D4, clear chip errors, spawned workers."""
+"""DataModule batches: shapes, dtypes, normalisation, DEM over T, D4 and sample draws of their own, folds, clear chip errors, spawned workers."""
 
 import shutil
 
@@ -8,7 +8,7 @@ import rasterio
 import torch
 
 from nycdata import chips
-from nycdata.data import TERRAMIND_V1_STATS, ChipDataset, NYCDataModule, d4_transform
+from nycdata.data import TERRAMIND_V1_STATS, ChipDataset, ChipDraw, EpochDraws, NYCDataModule, d4_transform
 from nycdata.fixture import FixtureConfig, make_fixture
 from nycdata.validate import ChipError
 
@@ -38,7 +38,7 @@ def test_batch_shapes_dtypes_and_keys(dataset_dir):
 
 
 def test_normalisation_time_major_layout_and_dem_repeat(dataset_dir):
-    ds = ChipDataset(dataset_dir, "val", augment="none")
+    ds = ChipDataset(dataset_dir, "val")
     sample = ds[0]
     chip = sample["filename"]
     s2 = _raw(dataset_dir, chip, "S2L2A")  # (T*12, H, W), time-major
@@ -70,21 +70,57 @@ def test_d4_is_the_dihedral_group():
 
 
 def test_d4_augmentation_moves_image_and_mask_together(dataset_dir):
-    plain = ChipDataset(dataset_dir, "train", augment="none")[0]
-    torch.manual_seed(0)
-    augmented = [ChipDataset(dataset_dir, "train", augment="d4")[0] for _ in range(12)]
-    changed = 0
-    for sample in augmented:
-        k = next(k for k in range(8) if torch.equal(d4_transform(plain["mask"], k), sample["mask"]))
+    dataset = ChipDataset(dataset_dir, "train")
+    plain = dataset[0]
+    for k in range(1, 8):
+        sample = dataset[ChipDraw(0, k, 0)]
+        assert torch.equal(d4_transform(plain["mask"], k), sample["mask"])
         assert torch.equal(d4_transform(plain["image"]["S2L2A"], k), sample["image"]["S2L2A"])
-        changed += k != 0
-    assert changed > 0
+
+
+def _epoch(draws, epoch):
+    draws.set_epoch(epoch)
+    return list(draws)
+
+
+def test_epoch_draws_come_from_their_own_streams_not_the_global_rng():
+    draws = EpochDraws(50, seed=7, split="train", shuffle=True, augment=True)
+    torch.manual_seed(0)
+    first = _epoch(draws, 0)
+    torch.manual_seed(123)  # the global RNG does not matter
+    assert _epoch(draws, 0) == first
+    assert sorted(d.index for d in first) == list(range(50)), "each chip once per epoch"
+    assert len({d.transform for d in first}) == 8 and all(d.sample == 0 for d in first)
+    assert _epoch(draws, 1) != first, "every epoch draws anew"
+    assert _epoch(EpochDraws(50, seed=8, split="train", shuffle=True, augment=True), 0) != first
+
+
+def test_drawing_thought_samples_changes_neither_order_nor_transforms():
+    plain = _epoch(EpochDraws(40, seed=3, split="train", shuffle=True, augment=True), 2)
+    with_samples = _epoch(EpochDraws(40, seed=3, split="train", shuffle=True, augment=True, thought_samples=4), 2)
+    assert [(d.index, d.transform) for d in plain] == [(d.index, d.transform) for d in with_samples]
+    assert {d.sample for d in with_samples} == {0, 1, 2, 3}
+    pinned = _epoch(EpochDraws(40, seed=3, split="test", thought_samples=4, fixed_sample=2), 0)
+    assert [d.index for d in pinned] == list(range(40)) and {(d.transform, d.sample) for d in pinned} == {(0, 2)}
+    with pytest.raises(ValueError, match="thought sample 4 requested but the cache holds 4"):
+        EpochDraws(40, seed=3, thought_samples=4, fixed_sample=4)
+
+
+def test_the_loader_order_does_not_depend_on_workers_or_the_global_rng(dataset_dir):
+    def names(workers, global_seed):
+        dm = NYCDataModule(str(dataset_dir), batch_size=2, num_workers=workers, seed=5)
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(1)
+        torch.manual_seed(global_seed)
+        return [(tuple(b["filename"]), b["mask"].sum().item()) for b in loader]
+
+    assert names(0, 0) == names(0, 99) == names(1, 7)
 
 
 def test_corrupt_chip_raises_one_clear_error(dataset_dir, tmp_path):
     damaged = tmp_path / "fx"
     shutil.copytree(dataset_dir, damaged)
-    ds = ChipDataset(damaged, "test", augment="none")
+    ds = ChipDataset(damaged, "test")
     chip = ds.records[0]["chip_id"]
     (damaged / chips.chip_relpath(chip, "S1RTC")).write_bytes(b"not a tiff")
     loader = torch.utils.data.DataLoader(ds, batch_size=2)
@@ -100,7 +136,11 @@ def test_bad_arguments_name_the_problem(dataset_dir, tmp_path):
     with pytest.raises(ValueError, match="split 'holdout'"):
         ChipDataset(dataset_dir, "holdout")
     with pytest.raises(ValueError, match="augment 'flip'"):
-        ChipDataset(dataset_dir, "train", augment="flip")
+        NYCDataModule(str(dataset_dir), augment="flip")
+    with pytest.raises(ValueError, match="cv_folds=1"):
+        NYCDataModule(str(dataset_dir), cv_folds=1)
+    with pytest.raises(ValueError, match="fold=3: with cv_folds=3"):
+        NYCDataModule(str(dataset_dir), cv_folds=3, fold=3)
     with pytest.raises(FileNotFoundError, match="not a chip dataset"):
         ChipDataset(tmp_path, "train")
 
@@ -120,3 +160,34 @@ def test_spawned_workers_read_chips(dataset_dir):
     batches = list(dm.val_dataloader())
     assert sum(len(b["filename"]) for b in batches) == len(dm.datasets["val"])
     assert batches[0]["image"]["S2L2A"].shape[1:] == (12, T, SIZE, SIZE)
+
+
+def test_grouped_folds_test_every_parent_once_and_never_leak(dataset_dir):
+    index = chips.read_index(dataset_dir)
+    spec = chips.SplitSpec(cv_folds=3, seed=1)
+    roles = chips.fold_roles(index, spec)
+    parents = sorted(index["parent_id"].unique())
+    assert len(parents) == 3
+    tested = roles.loc[roles.split == "test"].sort_values("parent_id")
+    assert tested["parent_id"].tolist() == parents and sorted(tested["fold"]) == [0, 1, 2], "each parent tested once"
+    for fold in range(3):
+        dm = NYCDataModule(str(dataset_dir), cv_folds=3, fold=fold, split_seed=1)
+        dm.setup()
+        by_split = {s: {r["parent_id"] for r in dm.datasets[s].records} for s in chips.SPLITS}
+        assert all(by_split.values()) and not (by_split["train"] & by_split["test"]) and not (by_split["val"] & by_split["test"])
+        assert by_split["test"] == set(tested.loc[tested.fold == fold, "parent_id"])
+    assert chips.fold_roles(index, spec).equals(roles), "deterministic from split_seed"
+
+
+def test_folds_balance_chips_and_draw_validation_parents_from_training_parents():
+    import pandas as pd
+
+    sizes = {f"p{i:02d}": n for i, n in enumerate([16, 16, 12, 9, 16, 5, 16, 14, 16, 8, 16, 3, 16, 16, 11, 16, 7, 16, 16, 13, 16, 10])}
+    index = pd.DataFrame({"parent_id": [p for p, n in sizes.items() for _ in range(n)]})
+    roles = chips.fold_roles(index, chips.SplitSpec(cv_folds=5, seed=42))
+    test_chips = roles[roles.split == "test"].groupby("fold")["chips"].sum()
+    assert test_chips.max() - test_chips.min() <= 16, "greedy assignment keeps folds within one parent of each other"
+    per_fold = roles.groupby(["fold", "split"]).size().unstack()
+    assert (per_fold["val"] == 3).all() and (per_fold.sum(axis=1) == 22).all()  # 0.15 / 0.85 of 17-18 parents
+    with pytest.raises(ValueError, match="cv_folds=30 needs at least as many parents"):
+        chips.fold_roles(index, chips.SplitSpec(cv_folds=30))

@@ -19,7 +19,7 @@ def data_dir(tmp_path_factory):
 
 def _export(tmp_path, data_dir, variant, capsys):
     args = ["export-config", "-f", str(PARAMS_DIR / "fixture.yaml"), "-p", "variant", variant,
-            "-p", "data_root", str(data_dir), "-p", "output_root", str(tmp_path / "out")]
+            "-p", "data_root", str(data_dir), "-p", "output_root", str(tmp_path / "out"), "-p", "cv_folds", "0"]
     assert main(args) == 0
     path = tmp_path / f"{variant}.yaml"
     path.write_text(capsys.readouterr().out)
@@ -30,7 +30,7 @@ def _export(tmp_path, data_dir, variant, capsys):
 def test_terratorch_fit_accepts_the_exported_config(tmp_path, data_dir, variant, capsys):
     config = _export(tmp_path, data_dir, variant, capsys)
     exported = yaml.safe_load(config.read_text())
-    params = load_params(PARAMS_DIR / "fixture.yaml", overrides={"variant": variant, "data_root": str(data_dir)})
+    params = load_params(PARAMS_DIR / "fixture.yaml", overrides={"variant": variant, "data_root": str(data_dir), "cv_folds": 0})
     assert exported["model"]["init_args"] == task_kwargs(params, get_variant(variant)), "same task as notebook 03"
     assert exported["data"]["init_args"]["modalities"] == list(get_variant(variant).modalities)
     # terratorch's own CLI entry point (what `terratorch fit` runs), in-process to save a second terratorch import

@@ -257,18 +257,27 @@ def test_f1_matches_torchmetrics_on_supported_classes(random_batch):
 
 @pytest.mark.parametrize("delta, verdict, publish", [
     (-5.0, "negative", False),
-    (-1e-9, "negative", False),
+    (-0.006, "negative", False),       # printed -0.01
+    (-0.004, "acceptable", False),     # printed -0.00: zero, not negative
     (0, "acceptable", False),
     (0.5, "acceptable", False),
-    (0.9999999, "acceptable", False),
+    (0.994, "acceptable", False),      # printed +0.99
+    (0.9999999, "acceptable", True),   # printed +1.00
     (1, "acceptable", True),
     (1.5, "acceptable", True),
     (2, "acceptable", True),
-    (2.0000001, "strong", True),
+    (2.0000001, "acceptable", True),   # printed +2.00: not above +2
+    (2.006, "strong", True),           # printed +2.01
     (7.3, "strong", True),
 ])
-def test_gate_boundaries(delta, verdict, publish):
+def test_gate_decides_on_the_delta_as_printed(delta, verdict, publish):
     assert gate(delta) == {"verdict": verdict, "publish": publish}
+
+
+def test_gate_publishes_0_57_minus_0_56():
+    delta = (0.57 - 0.56) * 100
+    assert delta < PUBLISH_FROM_PP and f"{delta:+.2f}" == "+1.00"
+    assert gate(delta)["publish"] is True and gate(np.float32(delta))["publish"] is True
 
 
 def test_gate_publish_is_a_plain_bool():

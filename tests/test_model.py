@@ -25,7 +25,7 @@ def test_model_args_follow_the_original_config():
 
 def test_tiny_terramind_overfits_fixture_chips(tmp_path):
     data_dir = make_fixture(tmp_path / "fx", FixtureConfig(chips=9, size=SIZE, timesteps=T, seed=1))
-    ds = ChipDataset(data_dir, "train", augment="none")
+    ds = ChipDataset(data_dir, "train")
     batch = torch.utils.data.default_collate([ds[i] for i in range(min(3, len(ds)))])
     torch.manual_seed(0)
     model = build_model(model_size="tiny", modalities=["S2L2A", "S1RTC", "DEM"], timesteps=T, pretrained=False)

@@ -9,7 +9,7 @@ import nbformat
 import pytest
 import yaml
 
-from nycdata.metrics import gate
+from nycdata.stats import with_gate
 from nycdata.params import defaults
 from nycdata.pipeline import NOTEBOOK_DIR, execute_notebook, run_pipeline
 
@@ -48,6 +48,10 @@ def test_01_data_summary(run):
         assert sum(fractions.values()) == pytest.approx(1.0, abs=1e-4)
     west, south, east, north = summary["bounds_lonlat"]
     assert -74.30 <= west < east <= -73.65 and 40.45 <= south < north <= 40.95
+    assert summary["cv_folds"] == 2 and set(summary["folds"]) == {"0", "1"}
+    assert sum(f["test"]["chips"] for f in summary["folds"].values()) == CHIPS, "every chip tested in exactly one fold"
+    folds = (run / "folds.csv").read_text().splitlines()
+    assert folds[0] == "fold,parent_id,split,chips" and len(folds) - 1 == 2 * summary["n_parents"]
 
 
 def test_02_smoke(run):
@@ -57,18 +61,25 @@ def test_02_smoke(run):
     assert tim["thought_tokens_shape"][1:] == [T, SIZE // 16, SIZE // 16]
     generator = tim["generator"]
     assert generator["tensors"] > 100 and generator["verified"] == 0 and "RANDOM" in generator["warning"]
-    tokenizer = tim["parameters"]["tim tokenizer (unused in forward)"]
-    assert tokenizer["trainable"] == 0 and tokenizer["frozen"] > 1e8
-    assert tim["parameters"]["tim generator (frozen copy)"]["trainable"] == 0
+    assert tim["parameters"]["tokenizer"]["trainable"] == 0 and tim["parameters"]["tokenizer"]["frozen"] > 1e8
+    assert tim["parameters"]["generator"]["trainable"] == 0 and tim["parameters"]["generator"]["frozen"] > 0
+    arms = smoke["parameter_groups"]
+    embeddings = {arm: groups["input embeddings"] for arm, groups in arms.items()}
+    assert embeddings["tim"] == embeddings["baseline"] and embeddings["baseline"]["trainable"] > 0
+    upstream = embeddings["tim, upstream (shared, frozen embeddings)"]
+    assert upstream["trainable"] == 0 and upstream == embeddings["baseline_frozen_embed"]
+    assert arms["tim"]["thought embedding"]["trainable"] > 0 and arms["baseline"]["thought embedding"]["trainable"] == 0
     for variant in ("baseline", "tim"):
         assert smoke[variant]["logits_shape"][1:] == [5, SIZE, SIZE] and smoke[variant]["forward_s"] > 0
 
 
 @pytest.mark.parametrize("variant", ["baseline", "tim"])
-def test_03_finetune(run, variant):
-    seed_dir = run / variant / "seed42"
+@pytest.mark.parametrize("fold", [0, 1])
+def test_03_finetune(run, variant, fold):
+    seed_dir = run / variant / f"fold{fold}" / "seed42"
     summary = _json(seed_dir / "train_summary.json")
     assert summary["variant"] == variant and summary["epochs_run"] == 2 and summary["best_epoch"] in (0, 1)
+    assert summary["fold"] == fold and summary["parameters"]["input embeddings"]["trainable"] > 0
     assert 0 <= summary["best_val"]["val/mIoU"] <= 1 and summary["wall_time_s"] > 0
     assert (seed_dir / "checkpoints" / "best.ckpt").is_file() and (seed_dir / "checkpoints" / "last.ckpt").is_file()
     epochs = [line.split(",")[0] for line in (seed_dir / "metrics.csv").read_text().splitlines()[1:]]
@@ -77,30 +88,39 @@ def test_03_finetune(run, variant):
 
 def test_04_evaluate(run):
     comparison = _json(run / "comparison.json")["tim_vs_baseline"]
-    assert comparison["n_seeds"] == 1 and comparison["n_test_chips"] > 0
-    assert {k: comparison[k] for k in ("verdict", "publish")} == gate(comparison["delta_miou_pp"])
+    assert comparison["n_seeds"] == 1 and comparison["n_test_chips"] == CHIPS, "folds pooled: every chip tested once"
+    assert comparison["n_parents"] == 4 and comparison["few_parents"] and comparison["matched"]
+    assert None not in comparison["ci95_pp"] and None not in comparison["parent_t_ci95_pp"], "every parent tested: intervals"
+    assert set(comparison["per_fold_delta_pp"]) == {"0", "1"} and comparison["sign_flip_min_p"] == 2 / 16
+    gated = with_gate({k: v for k, v in comparison.items()}, comparison["publish_rule"])
+    assert {k: comparison[k] for k in ("verdict", "publish")} == {k: gated[k] for k in ("verdict", "publish")}
     assert comparison["delta_miou_pp"] == pytest.approx((comparison["tim_miou"] - comparison["baseline_miou"]) * 100)
-    for variant in ("baseline", "tim"):
-        metrics = _json(run / variant / "seed42" / "test_metrics.json")
-        assert 0 <= metrics["miou"] <= 1 and metrics["n_test_chips"] == comparison["n_test_chips"]
+    tested = 0
+    for fold in (0, 1):
+        for variant in ("baseline", "tim"):
+            metrics = _json(run / variant / f"fold{fold}" / "seed42" / "test_metrics.json")
+            assert 0 <= metrics["miou"] <= 1 and metrics["fold"] == fold
+        tested += metrics["n_test_chips"]
+    assert tested == CHIPS
     per_chip = (run / "per_chip.csv").read_text().splitlines()
-    assert per_chip[0].startswith("chip_id,parent_id,variant,seed,cm_0_0")
+    assert per_chip[0].startswith("chip_id,parent_id,fold,variant,seed,cm_0_0")
     assert len(per_chip) - 1 == 2 * comparison["n_test_chips"]
 
 
 def test_05_thoughts(run):
     thoughts = _json(run / "thoughts.json")
     assert thoughts["generator"] == "random" and thoughts["meaningful"] is False
-    n = _json(run / "comparison.json")["tim_vs_baseline"]["n_test_chips"]
-    assert thoughts["tokens_shape"] == [n, T, SIZE // 16, SIZE // 16]
+    n = _json(run / "data_summary.json")["folds"]["0"]["test"]["chips"]  # the fold-0 tim run's test chips
+    assert thoughts["fold"] == 0 and thoughts["tokens_shape"] == [n, T, SIZE // 16, SIZE // 16]
     assert 0 <= thoughts["pixel_agreement"] <= 1 and len(thoughts["confusion"]) == 5
     assert "meaningless" in (run / "html" / "05_visualise_tim_seed42.html").read_text()
 
 
 def test_chain_writes_html_and_summary(run):
     html = sorted(p.name for p in (run / "html").glob("*.html"))
-    assert html == ["01_load_data.html", "02_smoke.html", "03_finetune_baseline_seed42.html",
-                    "03_finetune_tim_seed42.html", "04_evaluate.html", "05_visualise_tim_seed42.html"]
+    assert html == ["01_load_data.html", "02_smoke.html", "03_finetune_baseline_seed42_fold0.html",
+                    "03_finetune_baseline_seed42_fold1.html", "03_finetune_tim_seed42_fold0.html",
+                    "03_finetune_tim_seed42_fold1.html", "04_evaluate.html", "05_visualise_tim_seed42.html"]
     summary = (run / "summary.md").read_text()
     assert "| tim_vs_baseline | 1 |" in summary and "html/04_evaluate.html" in summary
     assert yaml.safe_load((run / "params.yaml").read_text())["run_name"] == "nb"
@@ -118,7 +138,7 @@ def test_second_run_into_same_folder_fails_but_the_study_resumes_without_redoing
     lines, started = [], time.monotonic()
     run_pipeline(params, resume=True, log=lines.append)
     assert time.monotonic() - started < 60, "a finished study must not redo any notebook"
-    assert sum("already done, skipped" in line for line in lines) == 6
+    assert sum("already done, skipped" in line for line in lines) == 8
     assert (run / "comparison.json").stat().st_mtime_ns == before
 
 
@@ -151,12 +171,13 @@ def test_tim_evaluation_draws_k_thoughts_and_reports_their_spread(run, tmp_path)
     from nycdata.train import variant_datamodule
     from nycdata.variants import get_variant
 
-    params = {**yaml.safe_load((run / "params.yaml").read_text()), "thought_samples": 3}
+    params = {**yaml.safe_load((run / "params.yaml").read_text()), "thought_samples": 3, "fold": 0}
     copy = tmp_path / "tim"
-    shutil.copytree(run / "tim" / "seed42", copy)
-    rows = test_run(FinishedRun("tim", 42, copy), params, variant_datamodule(params, get_variant("tim"), log=lambda m: None))
+    shutil.copytree(run / "tim" / "fold0" / "seed42", copy)
+    rows = test_run(FinishedRun("tim", 42, copy, fold=0), params,
+                    variant_datamodule(params, get_variant("tim"), log=lambda m: None))
     metrics = _json(copy / "test_metrics.json")
     assert metrics["thought_samples"] == 3 and len(metrics["miou_per_thought_sample"]) == 3
     assert metrics["thought_spread_pp"] >= 0 and 0 <= metrics["miou"] <= 1
-    single = _json(run / "tim" / "seed42" / "test_metrics.json")
+    single = _json(run / "tim" / "fold0" / "seed42" / "test_metrics.json")
     assert rows.filter(like="cm_").to_numpy().sum() == 3 * sum(map(sum, single["confusion"])), "pixels of 3 thoughts pooled"

@@ -24,14 +24,18 @@ def test_list_overrides_are_parsed_as_yaml_and_variants_checked_first(tmp_path, 
     assert "variant 'timm' unknown; valid variants: baseline, tim" in capsys.readouterr().err
 
 
-def test_chain_runs_each_variant_and_seed_then_evaluates():
-    params = load_params(overrides={"variants": ["baseline", "tim_s1", "tim"], "seeds": [3, 4]})
+def test_chain_runs_each_fold_seed_and_variant_then_evaluates():
+    params = load_params(overrides={"variants": ["baseline", "tim_s1", "tim"], "seeds": [3, 4], "cv_folds": 2})
     steps = notebook_steps(params)
     assert [(s.notebook, s.parameters) for s in steps] == [
         ("01_load_data", {}), ("02_smoke", {}),
-        *[("03_finetune", {"variant": v, "seed": seed}) for seed in (3, 4) for v in ("baseline", "tim_s1", "tim")],
+        *[("03_finetune", {"variant": v, "seed": seed, "fold": fold}) for fold in (0, 1) for seed in (3, 4)
+          for v in ("baseline", "tim_s1", "tim")],
         ("04_evaluate", {}), ("05_visualise_tim", {"seed": 3})]
-    assert steps[2].output == "baseline/seed3/train_summary.json" and steps[2].label == "03_finetune_baseline_seed3"
+    assert steps[2].output == "baseline/fold0/seed3/train_summary.json" and steps[2].label == "03_finetune_baseline_seed3_fold0"
+    fixed = notebook_steps({**params, "cv_folds": 0})
+    assert fixed[2].parameters == {"variant": "baseline", "seed": 3} and fixed[2].output == "baseline/seed3/train_summary.json"
+    assert len(fixed) == 2 + 6 + 2
     assert "05_visualise_tim" not in [s.notebook for s in notebook_steps({**params, "variants": ["baseline"]})]
 
 

@@ -29,7 +29,7 @@ def test_supplement_is_self_contained(run, params):
     names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert {"summary.md", "results.csv", "comparison.json", "params.yaml", "versions.json", CARD_FILE,
             "figures/forest.png", "figures/per_class_delta.png", "html/04_evaluate.html"} <= names
-    assert len([n for n in names if n.startswith("html/")]) == 6
+    assert len([n for n in names if n.startswith("html/")]) == 8  # 01, 02, 03 x 2 variants x 2 folds, 04, 05
     assert json.loads((folder / "versions.json").read_text())["terratorch"] == "1.2.11"
     card = (folder / CARD_FILE).read_text()
     comparison = json.loads((run / "comparison.json").read_text())["tim_vs_baseline"]
@@ -74,4 +74,5 @@ def test_checkpoint_uploaded_only_when_the_gate_says_publish(run, params, tmp_pa
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     publish(local, token="hf_test", log=lambda m: None)
     assert uploads[0] == ("create", "me/nyc-tim")
-    assert {u[0] for u in uploads[1:]} == {"README.md", "comparison.json", "results.csv", "tim_seed42.ckpt"}
+    assert {u[0] for u in uploads[1:]} == {"README.md", "comparison.json", "results.csv", "tim_fold0_seed42.ckpt",
+                                           "tim_fold1_seed42.ckpt"}  # one model per fold

@@ -1,6 +1,7 @@
 """Cached thoughts: same encoder outputs as the online TiM forward that generated them; cache layout; training."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 from nycdata.fixture import FixtureConfig, make_fixture
 from nycdata.params import PARAMS_DIR, load_params
-from nycdata.thought_cache import THOUGHTS_KEY, CachedThoughts, cache_root, tokens_to_map
+from nycdata.thought_cache import (THOUGHTS_KEY, CachedThoughts, autocast, cache_root, cache_thoughts, thought_stream_seed,
+                                   tokens_to_map)
 from nycdata.tim import capture_thoughts, tim_backbone
 from nycdata.train import build_task, fine_tune, seed_everything
 from nycdata.variants import get_variant
@@ -21,7 +23,8 @@ def params(tmp_path_factory):
     base = tmp_path_factory.mktemp("cache")
     data = make_fixture(base / "data", FixtureConfig(chips=9, size=SIZE, timesteps=T, seed=6))
     return load_params(PARAMS_DIR / "fixture.yaml", overrides={
-        "data_root": str(data), "output_root": str(base / "out"), "run_name": "c", "max_epochs": 1})
+        "data_root": str(data), "output_root": str(base / "out"), "run_name": "c", "max_epochs": 1, "cv_folds": 0,
+        "thought_cache_samples": 2})
 
 
 def test_cached_path_gives_identical_encoder_outputs(params):
@@ -49,23 +52,61 @@ def test_cached_path_gives_identical_encoder_outputs(params):
     assert torch.equal(logits, cached_logits)
 
 
-def test_cache_holds_every_transform_of_training_chips_and_training_reads_it(params):
+def test_cache_holds_every_chip_transform_and_sample_reproducibly_and_training_reads_it(params):
     run = fine_tune({**params, "variant": "tim_cached", "seed": 3}, log=lambda m: None)
     assert run["epochs_run"] == 1
     root = cache_root(params, get_variant("tim_cached"))
     files = sorted(root.glob("*.npy"))
-    assert len(files) == 9
-    ids = np.load(files[0])
-    assert ids.shape == (8, 1, T, SIZE // 16, SIZE // 16) and ids.dtype == np.int16
+    assert len(files) == 9, "every chip: with cross-validation each one trains in some fold"
+    ids = {f.stem: np.load(f) for f in files}
+    first = next(iter(ids.values()))
+    assert first.shape == (8, 2, T, SIZE // 16, SIZE // 16) and first.dtype == np.int16  # thought_cache_samples 2
+    assert all(len({a[k].tobytes() for k in range(8)}) > 1 for a in ids.values()), "each transform thinks its own thought"
+    assert all(a[:, 0].tobytes() != a[:, 1].tobytes() for a in ids.values()), "each sample is another draw"
+    done = json.loads((root / "cache.json").read_text())
+    assert done["device"] == "cpu" and done["identity"]["samples"] == 2 and done["identity"]["thought_seed"] == 0
 
-    from nycdata import chips
-
-    index = chips.read_index(params["data_root"]).set_index("chip_id")
-    train_chip = next(f.stem for f in files if index.loc[f.stem, "split"] == "train")
-    cached_ids = np.load(root / f"{train_chip}.npy")
-    assert len({cached_ids[k].tobytes() for k in range(8)}) > 1, "each transform thinks its own thought"
+    shutil.rmtree(root)  # a rerun writes the same bytes
+    cache_thoughts({**params, "variant": "tim_cached"}, get_variant("tim_cached"), log=lambda m: None)
+    assert {f.stem: np.load(f).tobytes() for f in root.glob("*.npy")} == {k: v.tobytes() for k, v in ids.items()}
     resumed = fine_tune({**params, "variant": "tim_cached", "seed": 3, "resume": True}, log=lambda m: None)
     assert resumed == run
+
+
+def test_thought_noise_is_seeded_per_chip_sample_and_thought_seed():
+    seeds = {thought_stream_seed(chip, s, t) for chip in ("nyc_a_r0c0", "nyc_a_r0c1", "nyc_b_r0c0") for s in range(4)
+             for t in range(2)}
+    assert len(seeds) == 24 and all(0 <= x < 2**31 for x in seeds)
+    assert thought_stream_seed("nyc_a_r0c0", 1, 0) == thought_stream_seed("nyc_a_r0c0", 1, 0)
+
+
+def test_a_cache_made_under_other_settings_is_refused_by_name(params):
+    cached = get_variant("tim_cached")
+    cache_thoughts(params, cached, log=lambda m: None)  # made (or reused) under the module's params
+    with pytest.raises(ValueError, match=r"other settings \(tim_top_p: cache 0.8, params 0.5; thought_seed: cache 0, params 2\)"):
+        cache_thoughts({**params, "tim_top_p": 0.5, "thought_seed": 2}, cached, log=lambda m: None)
+    with pytest.raises(ValueError, match="samples: cache 2, params 6.*Delete .*thought_cache/tim"):
+        cache_thoughts({**params, "thought_samples": 6}, cached, log=lambda m: None)
+
+
+def test_test_pass_k_reads_cached_sample_k(params):
+    from nycdata.data import NYCDataModule
+
+    root = cache_thoughts(params, get_variant("tim_cached"), log=lambda m: None)
+    datamodule = NYCDataModule.from_params({**params, "num_workers": 0}, thought_cache=str(root))
+    for k in (0, 1):
+        batch = next(iter(datamodule.test_dataloader(thought_sample=k)))
+        chip = batch["filename"][0]
+        expected = tokens_to_map(torch.from_numpy(np.load(root / f"{chip}.npy")[0, k].astype(np.int64)))
+        assert torch.equal(batch["image"][THOUGHTS_KEY][0, 0], expected)
+    with pytest.raises(ValueError, match="thought sample 2 requested but the cache holds 2"):
+        datamodule.test_dataloader(thought_sample=2)
+
+
+def test_caching_thinks_under_the_training_precision():
+    assert isinstance(autocast("bf16-mixed", torch.device("cpu")), torch.autocast)
+    assert autocast("bf16-mixed", torch.device("cpu")).fast_dtype == torch.bfloat16
+    assert not isinstance(autocast("32-true", torch.device("cpu")), torch.autocast)
 
 
 def _inputs(seed: int = 0) -> dict:
@@ -116,7 +157,7 @@ def test_cache_check_reuses_study_cells_trains_the_rest_aside_and_reports_agreem
         "thought_seed0/tim/seed3", "thought_seed1/tim/seed3"}
     assert json.loads((run / AGREEMENT_DIR / "tim_cached_seed3.json").read_text()) == result
 
-    overrides = [a for k, v in checked.items() if k in ("data_root", "output_root", "run_name", "max_epochs", "variant", "seed", "fixture")
+    overrides = [a for k, v in checked.items() if k in ("data_root", "output_root", "run_name", "max_epochs", "variant", "seed", "fixture", "cv_folds")
                  for a in ("-p", k, str(v))]
     assert main(["cache-check", "-f", str(PARAMS_DIR / "fixture.yaml"), *overrides, "--thought-seeds", "0", "1",
                  "--level", "0"]) == 1

@@ -178,7 +178,7 @@ def test_tim_input_generates_lulc_once_and_reads_it_as_a_fourth_input(params, tm
     from nycdata.train import variant_datamodule
 
     data = make_fixture(tmp_path / "data", FixtureConfig(chips=9, size=32, timesteps=T, seed=4))
-    run_params = {**params, "data_root": str(data), "output_root": str(tmp_path / "out"), "run_name": "g"}
+    run_params = {**params, "data_root": str(data), "output_root": str(tmp_path / "out"), "run_name": "g", "cv_folds": 0}
     variant = get_variant("tim_input")
     with pytest.raises(ValueError, match="allow_random_generator"):
         variant_datamodule({**run_params, "allow_random_generator": False}, variant, log=lambda m: None)
@@ -192,3 +192,85 @@ def test_tim_input_generates_lulc_once_and_reads_it_as_a_fourth_input(params, tm
     lulc = batch["image"]["LULC"]
     assert lulc.shape[1:] == (10, T, 32, 32) and torch.equal(lulc.sum(1), torch.ones_like(lulc.sum(1)))
     assert set(batch["image"]) == {"S2L2A", "S1RTC", "DEM", "LULC"}
+
+
+# --- matched arms: what trains, what stays frozen, what starts equal
+
+def _embedding_names(task, trainable: bool) -> set[str]:
+    from nycdata.tim import input_embeddings
+
+    return {n for n, p in input_embeddings(task.model).named_parameters() if p.requires_grad == trainable}
+
+
+def _thought_names(task) -> set[str]:
+    from nycdata.tim import thought_embedding_keys
+
+    return {n for n in _embedding_names(task, True) | _embedding_names(task, False)
+            if n.split(".")[0] in thought_embedding_keys(task.model)}
+
+
+def test_tim_trains_the_baseline_input_embeddings_and_adds_only_the_thought_embedding(params, tim_task):
+    baseline = build_task(params, get_variant("baseline"))
+    thought = _thought_names(tim_task)
+    assert thought == {"tok_lulc@224.mod_emb", "tok_lulc@224.token_emb.weight"}
+    assert _embedding_names(tim_task, True) == _embedding_names(baseline, True) | thought
+    assert len(_embedding_names(baseline, True)) == 6 and not _embedding_names(tim_task, False)
+    from nycdata.tim import embeddings_shared_with_generator
+
+    assert embeddings_shared_with_generator(tim_task.model) == 0, "the generator holds its own copy"
+
+
+def test_upstream_sharing_and_baseline_frozen_embed_freeze_exactly_what_terratorch_freezes(params):
+    from terratorch.models import EncoderDecoderFactory
+
+    from nycdata.tim import embeddings_shared_with_generator
+
+    upstream = EncoderDecoderFactory().build_model(task="segmentation", **variant_model_args(params, get_variant("tim")))
+    upstream_frozen = {n.split("encoder_embeddings.", 1)[1] for n, p in upstream.named_parameters()
+                       if ".encoder_embeddings." in n and ".sampler." not in n and not p.requires_grad}
+    assert len(upstream_frozen) == 8, "terratorch 1.2.11 freezes the 6 input and 2 thought embedding tensors"
+    shared = build_task({**params, "tim_share_embeddings": True}, get_variant("tim"))
+    assert _embedding_names(shared, False) == upstream_frozen and not _embedding_names(shared, True)
+    assert embeddings_shared_with_generator(shared.model) > 0, "upstream: one set of tensors for encoder and generator"
+    cached = build_task({**params, "tim_share_embeddings": True}, get_variant("tim_cached"))
+    assert _embedding_names(cached, False) == upstream_frozen, "a cached twin freezes what its online variant freezes"
+    frozen_baseline = build_task(params, get_variant("baseline_frozen_embed"))
+    assert _embedding_names(frozen_baseline, False) == upstream_frozen - _thought_names(shared)
+    assert not _embedding_names(frozen_baseline, True)
+
+
+def test_the_generator_keeps_its_copy_equal_to_the_checkpoint_while_the_encoder_trains(params, raw_checkpoint):
+    from terratorch.models.backbones.terramind.model.terramind_register import checkpoint_filter_fn_tim
+
+    from nycdata.tim import input_embeddings
+
+    task = build_task(params, get_variant("tim"))
+    backbone = tim_backbone(task.model)
+    backbone.load_state_dict(checkpoint_filter_fn_tim(torch.load(raw_checkpoint, weights_only=True), backbone), strict=True)
+    checked = set(backbone.sampler.model.state_dict())
+    assert {"encoder_embeddings.untok_sen2l2a@224.proj.weight", "encoder_embeddings.tok_lulc@224.token_emb.weight"} <= checked
+    assert verify_generator(task.model, str(raw_checkpoint)) > 100
+    before = {n: p.detach().clone() for n, p in input_embeddings(task.model).named_parameters()}
+    optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=1.0)
+    logits = task.model(_batch(get_variant("tim").modalities)).output
+    torch.nn.functional.cross_entropy(logits, torch.randint(0, NUM_CLASSES, (B, SIZE, SIZE))).backward()
+    optimizer.step()
+    moved = [n for n, p in input_embeddings(task.model).named_parameters() if not torch.equal(p, before[n])]
+    assert "untok_sen2l2a@224.proj.weight" in moved, "the encoder's input embeddings train"
+    assert verify_generator(task.model, str(raw_checkpoint)) > 100, "the generator's copy is untouched"
+
+
+def test_every_arm_starts_with_the_same_decoder_and_head_for_one_seed(params):
+    from terratorch.models import encoder_decoder_factory
+
+    assert callable(encoder_decoder_factory._get_backbone), "nycdata.model patches this terratorch function"
+    heads = []
+    for name in ("baseline", "tim", "tim_cached", "baseline_frozen_embed"):
+        seed_everything(4)
+        state = build_task(params, get_variant(name)).model.state_dict()
+        heads.append({k: v for k, v in state.items() if not k.startswith("encoder.")})
+    assert len(heads[0]) > 20 and all(h.keys() == heads[0].keys() for h in heads)
+    assert all(torch.equal(h[k], heads[0][k]) for h in heads[1:] for k in heads[0])
+    seed_everything(5)
+    other = build_task(params, get_variant("baseline")).model.state_dict()
+    assert not torch.equal(other["head.head.2.weight"], heads[0]["head.head.2.weight"]), "the seed still varies them"

@@ -1,12 +1,16 @@
-"""Fine-tuning: interrupted runs resume to the configured epoch count; existing run folders are never overwritten."""
+"""Fine-tuning: resumed runs continue exactly; existing run folders are never overwritten; folds; matched arms."""
+
+import hashlib
 
 import lightning.pytorch as pl
 import pandas as pd
 import pytest
+import torch
 
 from nycdata.fixture import FixtureConfig, make_fixture
 from nycdata.params import PARAMS_DIR, load_params
-from nycdata.train import fine_tune, read_epoch_metrics, seed_run_dir
+from nycdata.params import cell_dir
+from nycdata.train import fine_tune, read_epoch_metrics
 
 
 class Interrupt(RuntimeError):
@@ -23,15 +27,20 @@ class InterruptAfterFirstEpoch(pl.Callback):
 def params(tmp_path):
     data = make_fixture(tmp_path / "data", FixtureConfig(chips=9, size=32, timesteps=2, seed=5))
     return load_params(PARAMS_DIR / "fixture.yaml", overrides={
-        "data_root": str(data), "output_root": str(tmp_path / "out"), "run_name": "r", "max_epochs": 2})
+        "data_root": str(data), "output_root": str(tmp_path / "out"), "run_name": "r", "max_epochs": 2, "cv_folds": 0})
 
 
 def _snapshot(folder):
     return {p.relative_to(folder): p.stat().st_mtime_ns for p in folder.rglob("*")}
 
 
-def test_interrupted_run_resumes_with_one_continuous_metrics_file(params):
-    run_dir = seed_run_dir(params, "baseline", params["seed"])
+def _metric_values(run_dir):
+    return read_epoch_metrics(run_dir).drop(columns=["lr-AdamW"], errors="ignore").set_index("epoch").sort_index(axis=1)
+
+
+def test_interrupted_run_resumes_exactly_where_an_uninterrupted_run_would_be(params):
+    uninterrupted = fine_tune({**params, "run_name": "whole"}, log=lambda m: None)
+    run_dir = cell_dir({**params, "variant": "baseline"})
     with pytest.raises(Interrupt):
         fine_tune(params, log=lambda m: None, callbacks=[InterruptAfterFirstEpoch()])
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -46,11 +55,12 @@ def test_interrupted_run_resumes_with_one_continuous_metrics_file(params):
     summary = fine_tune({**params, "resume": True}, log=lambda m: None)
     assert summary["epochs_run"] == 2
     assert summary["wall_time_s"] > first_leg_s > 0, "wall time adds up over both legs"
-    epochs = read_epoch_metrics(run_dir)
-    assert epochs["epoch"].tolist() == [0, 1] and epochs["val/loss"].notna().all()
     raw = pd.read_csv(run_dir / "metrics.csv")
     assert raw["epoch"].is_monotonic_increasing
     assert (raw.groupby("epoch")["val/loss"].count() == 1).all(), "each epoch validated once"
+    whole = cell_dir({**params, "variant": "baseline", "run_name": "whole"})
+    pd.testing.assert_frame_equal(_metric_values(run_dir), _metric_values(whole))  # exact, every metric of every epoch
+    assert summary["best_val"] == uninterrupted["best_val"]
 
     again = fine_tune({**params, "resume": True}, log=lambda m: None)
     assert again == summary, "resuming a finished run changes nothing"
@@ -64,3 +74,55 @@ def test_unknown_variant_lists_the_valid_ones(params):
 def test_tim_with_random_generator_needs_explicit_permission(params):
     with pytest.raises(ValueError, match="allow_random_generator"):
         fine_tune({**params, "variant": "tim", "allow_random_generator": False})
+
+
+def _rng_digest():
+    return hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+
+
+class RecordBatches(pl.Callback):
+    """Per training batch: chips, a digest of the (augmented) masks, and of the global RNG state before and after
+    the step (the same after means the forward drew the same random numbers: dropout, and nothing else)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        masks = hashlib.sha256(batch["mask"].numpy().tobytes()).hexdigest()
+        self.rows.append([trainer.current_epoch, tuple(batch["filename"]), masks, _rng_digest()])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows[-1].append(_rng_digest())
+
+
+def test_baseline_tim_and_tim_cached_see_the_same_batches_transforms_and_dropout(params):
+    sequences = {}
+    for variant in ("baseline", "tim", "tim_cached"):
+        recorder = RecordBatches()
+        cell = {**params, "variant": variant, "max_epochs": 2, "batch_size": 2, "thought_cache_samples": 2}
+        summary = fine_tune(cell, log=lambda m: None, callbacks=[recorder])
+        sequences[variant] = recorder.rows
+        if variant != "baseline":
+            groups = summary["parameters"]
+            assert groups["input embeddings"]["trainable"] == sequences_trainable, "TiM trains its input embeddings"
+            assert groups["thought embedding"]["trainable"] > 0 and groups["generator"]["trainable"] == 0
+        else:
+            sequences_trainable = summary["parameters"]["input embeddings"]["trainable"]
+            assert sequences_trainable > 0
+    assert len(sequences["baseline"]) >= 4 and len({r[2] for r in sequences["baseline"]}) > 1
+    assert sequences["tim"] == sequences["baseline"] == sequences["tim_cached"]
+
+
+def test_cross_validation_cells_have_their_own_folders_and_test_parents(tmp_path):
+    data = make_fixture(tmp_path / "data", FixtureConfig(chips=9, size=32, timesteps=2, seed=5))
+    params = load_params(PARAMS_DIR / "fixture.yaml", overrides={
+        "data_root": str(data), "output_root": str(tmp_path / "out"), "run_name": "cv", "max_epochs": 1, "cv_folds": 3,
+        "fold": 2})
+    summary = fine_tune(params, log=lambda m: None)
+    folder = tmp_path / "out" / "cv" / "baseline" / "fold2" / "seed42"
+    assert cell_dir(params) == folder and (folder / "train_summary.json").is_file()
+    assert summary["fold"] == 2 and summary["cv_folds"] == 3
+    folds = pd.read_csv(tmp_path / "out" / "cv" / "folds.csv")
+    assert sorted(folds.loc[folds.split == "test", "fold"]) == [0, 1, 2]
+    with pytest.raises(ValueError, match="folds.csv holds other folds"):
+        fine_tune({**params, "split_seed": 7, "fold": 0}, log=lambda m: None)
