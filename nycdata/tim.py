@@ -2,9 +2,10 @@
 
 terratorch's ``TerraMindTiM`` generates the thought tokens inside its forward
 and never returns them; its frozen generator stays random unless loaded
-through the pretrained path; and it builds the LULC tokenizer (~184 M
-parameters) with ``requires_grad=True`` although its forward never uses it.
-This module wraps those spots thinly instead of copying terratorch's code.
+through the pretrained path; it shares (and so freezes) the encoder's input
+embeddings with that generator; and it builds the LULC tokenizer (~184 M
+parameters, trainable) although its forward never uses it. This module wraps
+those spots thinly instead of copying terratorch's code.
 """
 
 from __future__ import annotations
@@ -55,20 +56,50 @@ def tim_backbone(model: torch.nn.Module):
     return next((m for m in model.modules() if isinstance(m, TerraMindTiM)), None)
 
 
-def freeze_unused_tokenizer(model: torch.nn.Module) -> int:
-    """Freeze the tokenizers TiM builds but never calls in forward; return how many parameters were frozen.
+@contextlib.contextmanager
+def tokenizers_deferred() -> Iterator[list[dict]]:
+    """Build TiM backbones without the tokenizers terratorch builds for them; yield the arguments it built them with.
 
-    Left trainable they would sit in the optimizer (AdamW state for ~184 M
-    parameters) for nothing. They stay in the model for decoding thoughts.
+    ``TerraMindTiM`` builds the LULC tokenizer (~184 M parameters, 85 % of a tiny TiM model) although its forward
+    never calls it (generation passes tokenizers on only for text modalities). Every TiM build spent about 1.3 s
+    of CPU initialising it, every fine-tune carried it to the GPU and, pretrained, downloaded its 0.7 GB. Only
+    decoding thoughts (notebook 05) needs it: :func:`thought_tokenizer` builds it then, from these arguments.
     """
+    from unittest import mock
+
+    from terratorch.models.backbones.terramind.model import terramind_tim
+
+    calls: list[dict] = []
+
+    def defer(**kwargs):
+        calls.append(kwargs)
+        return {}
+
+    with mock.patch.object(terramind_tim, "build_tokenizer", defer):
+        yield calls
+
+
+def remember_tokenizer(model: torch.nn.Module, deferred: list[dict]) -> None:
+    """Keep the deferred tokenizer arguments of a TiM build on its backbone (for :func:`thought_tokenizer`)."""
     backbone = tim_backbone(model)
-    if backbone is None:
-        return 0
-    frozen = 0
-    for param in backbone.tokenizer.parameters():
-        param.requires_grad_(False)
-        frozen += param.numel()
-    return frozen
+    if backbone is not None and deferred:
+        backbone.deferred_tokenizer_args = deferred[-1]
+
+
+def thought_tokenizer(model: torch.nn.Module, modality: str) -> torch.nn.Module:
+    """The (frozen) tokenizer of one thought modality, built on first use and kept outside the module tree, so it
+    is in no parameter list, optimizer or checkpoint."""
+    from terratorch.models.backbones.terramind.model.terramind import build_tokenizer
+
+    backbone = tim_backbone(model)
+    args = getattr(backbone, "deferred_tokenizer_args", None)
+    if backbone is None or args is None or modality not in backbone.tim_modalities:
+        raise ValueError(f"no {modality} tokenizer for this model: decoding needs a TiM model that thinks {modality}")
+    key = backbone.mod_name_mapping[modality]
+    built = backbone.__dict__.setdefault("_thought_tokenizers", {})
+    if key not in built:
+        built[key] = build_tokenizer(**{**args, "input_modalities": [key]})[key].eval().requires_grad_(False)
+    return built[key]
 
 
 def input_embeddings(model: torch.nn.Module) -> torch.nn.ModuleDict:
@@ -196,13 +227,9 @@ def share_random_generator(model: torch.nn.Module, model_args: dict) -> bool:
         return False
     key = repr(sorted(model_args.items()))
     if key not in _random_generators:
-        from unittest import mock
-
         from terratorch.models import EncoderDecoderFactory
-        from terratorch.models.backbones.terramind.model import terramind_tim
 
-        # The reference skips the LULC tokenizer (~184 M parameters, 85 % of a tiny build): only its generator is kept.
-        with torch.random.fork_rng(devices=[]), mock.patch.object(terramind_tim, "build_tokenizer", lambda **_: {}):
+        with torch.random.fork_rng(devices=[]), tokenizers_deferred():
             torch.manual_seed(RANDOM_GENERATOR_SEED)
             reference = EncoderDecoderFactory().build_model(task="segmentation", **model_args)
         _random_generators[key] = tim_backbone(reference).sampler.model.state_dict()
@@ -246,12 +273,10 @@ def isolate_thought_rng(model: torch.nn.Module, thought_seed: int = 0) -> bool:
 @torch.no_grad()
 def decode_lulc(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Decode LULC thought tokens ``[B, T, h, w]`` to ESRI class maps ``[B, T, 16h, 16w]`` (argmax of 10 logits)."""
-    backbone = tim_backbone(model)
-    tokenizer = backbone.tokenizer[backbone.mod_name_mapping["LULC"]] if backbone is not None else None
-    if tokenizer is None:
-        raise ValueError("no LULC tokenizer in this model: decoding needs a TiM model that thinks LULC")
+    device = next(model.parameters()).device
+    tokenizer = thought_tokenizer(model, "LULC").to(device)
     B, T, h, w = tokens.shape
-    logits = tokenizer.decode_tokens(tokens.reshape(B * T, h, w).to(next(tokenizer.parameters()).device))
+    logits = tokenizer.decode_tokens(tokens.reshape(B * T, h, w).to(device))
     return logits.argmax(1).reshape(B, T, h * PATCH_SIZE, w * PATCH_SIZE).cpu()
 
 

@@ -22,13 +22,13 @@ import torch
 from terratorch.tasks import SemanticSegmentationTask
 
 from nycdata.classes import CLASS_NAMES, IGNORE_INDEX
+from nycdata.data import NYCDataModule, record_folds
 from nycdata.io import write_json
+from nycdata.model import backbone_built_outside_global_rng
 from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir, run_root
 from nycdata.summaries import parameter_groups
-from nycdata.data import record_folds
-from nycdata.model import backbone_built_outside_global_rng
-from nycdata.tim import (check_generator, freeze_input_embeddings, freeze_unused_tokenizer, generator_tensor_count,
-                         isolate_thought_rng, share_random_generator, tim_backbone, untie_generator_embeddings)
+from nycdata.tim import (check_generator, freeze_input_embeddings, generator_tensor_count, isolate_thought_rng,
+                         remember_tokenizer, share_random_generator, tokenizers_deferred, untie_generator_embeddings)
 from nycdata.variants import Variant, get_variant, variant_model_args
 
 SUMMARY_FILE = TRAIN_SUMMARY_FILE
@@ -43,10 +43,12 @@ def seed_everything(seed: int) -> None:
 
 
 class NYCSegmentationTask(SemanticSegmentationTask):
-    """terratorch's task, with TiM's unused tokenizer frozen, kept out of the optimizer and out of checkpoints.
+    """terratorch's task, with the arms of a comparison matched and TiM's frozen parts out of the optimizer.
 
-    terratorch hands ``self.parameters()`` to the optimizer, so TiM's frozen
-    generator and its tokenizer (~184 M parameters) would sit in its param groups.
+    Built around terratorch's model: every variant with one seed gets the same decoder and head; TiM's generator
+    keeps its own frozen copy of the embeddings (unless ``share_generator_embeddings``, upstream's setting) and
+    thinks in its own random stream; its unused tokenizer is built only when thoughts are decoded. terratorch
+    hands ``self.parameters()`` to the optimizer, so the frozen generator would sit in its param groups.
     """
 
     def __init__(self, *args, cached_thoughts: bool = False, thought_seed: int = 0,
@@ -55,13 +57,14 @@ class NYCSegmentationTask(SemanticSegmentationTask):
         # which its __init__ does not take. (The plain ``super().__init__(*args, **kwargs)`` lets the terratorch
         # CLI read the parent's signature.)
         kwargs.pop("task", None)
-        with backbone_built_outside_global_rng():  # same decoder/head init in every variant with one seed
+        # same decoder/head init in every variant with one seed; the tokenizer only when thoughts are decoded
+        with backbone_built_outside_global_rng(), tokenizers_deferred() as deferred:
             super().__init__(*args, **kwargs)
+        remember_tokenizer(self.model, deferred)
         self.hparams.update(cached_thoughts=cached_thoughts, thought_seed=thought_seed,
                             share_generator_embeddings=share_generator_embeddings,
                             frozen_input_embeddings=frozen_input_embeddings)
         share_random_generator(self.model, self.hparams["model_args"])
-        freeze_unused_tokenizer(self.model)  # here, so the terratorch CLI path freezes it too
         if cached_thoughts:
             from nycdata.thought_cache import use_cached_thoughts
 
@@ -72,17 +75,6 @@ class NYCSegmentationTask(SemanticSegmentationTask):
             freeze_input_embeddings(self.model)
         if not cached_thoughts:
             isolate_thought_rng(self.model, thought_seed)  # after untying: it remembers the generator's device
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Leave TiM's tokenizer out: never trained, never used in forward, rebuilt when the task is built."""
-        if tim_backbone(self.model) is not None:
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".tokenizer." not in k}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        own = self.state_dict()
-        for key in own:
-            if ".tokenizer." in key:
-                checkpoint["state_dict"].setdefault(key, own[key])
 
     def configure_optimizers(self):
         from terratorch.tasks.optimizer_factory import optimizer_factory
@@ -171,8 +163,6 @@ def _appending_csv_logger(run_dir: Path):
 def variant_datamodule(params: Mapping, variant: Variant, log: Callable[[str], None] = print, **overrides):
     """The DataModule a variant reads: its own inputs, plus generated LULC for ``tim_input`` (generated on first use)
     or the thought cache of a ``*_cached`` variant (filled on first use), for the fold and seed of ``params``."""
-    from nycdata.data import NYCDataModule
-
     generated = cache = None
     if variant.generated:
         from nycdata.generated import generate_lulc

@@ -105,20 +105,21 @@ def test_crosswalk_covers_every_terramind_class():
     np.testing.assert_array_equal(esri_to_class(np.arange(10)), [255, 0, 2, 0, 3, 1, 4, 4, 255, 3])
 
 
-def test_tokenizer_frozen_out_of_optimizer_and_checkpoint(tim_task):
-    backbone = tim_backbone(tim_task.model)
-    tokenizer = {id(p) for p in backbone.tokenizer.parameters()}
-    assert tokenizer and not any(p.requires_grad for p in backbone.tokenizer.parameters())
-    optimizer = tim_task.configure_optimizers()["optimizer"]
+def test_the_unused_tokenizer_is_built_only_to_decode_and_never_trains_or_checkpoints(params):
+    from nycdata.tim import thought_tokenizer
+
+    task = build_task(params, get_variant("tim"))
+    assert not any("tokenizer" in n for n, _ in task.named_parameters()), "no tokenizer in the model"
+    optimizer = task.configure_optimizers()["optimizer"]
     in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert not (in_groups & tokenizer)
-    assert in_groups == {id(p) for p in tim_task.parameters() if p.requires_grad}
-    checkpoint = {"state_dict": dict(tim_task.state_dict())}
-    tim_task.on_save_checkpoint(checkpoint)
-    assert not any(".tokenizer." in k for k in checkpoint["state_dict"])
-    assert any(k.startswith("model.encoder.encoder.sampler.") for k in checkpoint["state_dict"]), "generator stays"
-    tim_task.on_load_checkpoint(checkpoint)
-    assert set(checkpoint["state_dict"]) == set(tim_task.state_dict())
+    assert in_groups == {id(p) for p in task.parameters() if p.requires_grad}
+    assert not any(".sampler." in n for n, p in task.named_parameters() if p.requires_grad), "generator frozen"
+    tokenizer = thought_tokenizer(task.model, "LULC")
+    assert thought_tokenizer(task.model, "LULC") is tokenizer, "built once"
+    assert sum(p.numel() for p in tokenizer.parameters()) > 1e8 and not any(p.requires_grad for p in tokenizer.parameters())
+    assert not any("tokenizer" in k for k in task.state_dict()), "kept outside the module tree: not checkpointed"
+    with pytest.raises(ValueError, match="no NDVI tokenizer"):
+        thought_tokenizer(task.model, "NDVI")
 
 
 def test_random_generator_needs_explicit_permission(params, tim_task):
