@@ -66,7 +66,7 @@ def test_02_smoke(run):
     arms = smoke["parameter_groups"]
     embeddings = {arm: groups["input embeddings"] for arm, groups in arms.items()}
     assert embeddings["tim"] == embeddings["baseline"] and embeddings["baseline"]["trainable"] > 0
-    upstream = embeddings["tim, upstream (shared, frozen embeddings)"]
+    upstream = embeddings["tim_shared_embed"]
     assert upstream["trainable"] == 0 and upstream == embeddings["baseline_frozen_embed"]
     assert arms["tim"]["thought embedding"]["trainable"] > 0 and arms["baseline"]["thought embedding"]["trainable"] == 0
     for variant in ("baseline", "tim"):
