@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from nycdata import chips
 from nycdata.generated import read_generated
 from nycdata.io import atomic_write_text
+from nycdata.params import resolve_path, run_root
 from nycdata.thought_cache import THOUGHTS_KEY, cached_sample_count, read_thoughts
 from nycdata.validate import read_chip
 
@@ -197,8 +198,6 @@ class NYCDataModule(pl.LightningDataModule):
 
     @classmethod
     def from_params(cls, params: Mapping, **overrides) -> "NYCDataModule":
-        from nycdata.params import resolve_path
-
         data_root = resolve_path(params["data_root"])
         spec = chips.DatasetSpec.read(data_root)
         if spec.timesteps != params["timesteps"]:
@@ -258,8 +257,6 @@ FOLDS_FILE = "folds.csv"
 
 def record_folds(params: Mapping) -> Path | None:
     """Write every parent's split per fold to ``<run>/folds.csv``; refuse a run folder whose folds were other ones."""
-    from nycdata.params import resolve_path, run_root
-
     if not params["cv_folds"]:
         return None
     table = chips.fold_roles(chips.read_index(resolve_path(params["data_root"])), split_spec(params)).to_csv(index=False)

@@ -21,7 +21,7 @@ from nycdata.classes import CLASS_NAMES, NUM_CLASSES
 from nycdata.io import write_json
 from nycdata.metrics import CM_COLUMNS, metrics_from_confusion, per_chip_confusion
 from nycdata.params import resolve_path, run_root
-from nycdata.train import SUMMARY_FILE, NYCSegmentationTask, seed_everything, variant_datamodule
+from nycdata.train import SUMMARY_FILE, NYCSegmentationTask, seed_everything, training_device, variant_datamodule
 from nycdata.variants import COMPARISONS, get_variant
 
 TEST_METRICS_FILE = "test_metrics.json"
@@ -101,8 +101,6 @@ def test_run(run: FinishedRun, params: Mapping, datamodule, device: str | None =
     (seeds ``seed``, ``seed+1``, ...), a ``*_cached`` variant reads cached sample k in pass k. Per-chip matrices
     pool all samples and ``test_metrics.json`` reports the mIoU of each and their spread.
     """
-    from nycdata.train import training_device
-
     device = str(device or training_device(params))
     samples = params["thought_samples"] if get_variant(run.variant).is_tim else 1
     if samples < 1:
