@@ -28,10 +28,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nycdata.classes import CLASS_NAMES
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMAT_VERSION = "nycdata-chips/1"
 SPEC_FILE = "dataset.json"

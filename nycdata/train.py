@@ -25,7 +25,7 @@ from nycdata.classes import CLASS_NAMES, IGNORE_INDEX
 from nycdata.data import NYCDataModule, record_folds
 from nycdata.io import write_json
 from nycdata.model import backbone_built_outside_global_rng
-from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir, run_root
+from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir
 from nycdata.summaries import parameter_groups
 from nycdata.tim import (check_generator, freeze_input_embeddings, generator_tensor_count, isolate_thought_rng,
                          remember_tokenizer, share_random_generator, tokenizers_deferred, untie_generator_embeddings)
