@@ -134,12 +134,14 @@ def thought_panel(rgb_image, truth, esri_map, thought_classes, tokens, predictio
 
 def _forest_row(ax, y: float, centre: float, interval, marker: str, colour: str, label) -> None:
     """One point with its interval bar, or the point alone marked "no interval" when the interval is missing."""
-    lo, hi = interval if interval is not None else (None, None)
+    from nycdata.stats import present_interval
+
+    present = present_interval(interval)
     ax.plot(centre, y, marker=marker, color=colour, linestyle="none", label=label)
-    if lo is None or hi is None or lo != lo or hi != hi:    # None, or NaN in results of older runs
+    if present is None:
         ax.annotate("no interval", (centre, y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
     else:  # a bar from lo to hi, not errorbar: a percentile interval need not contain its point estimate
-        ax.plot([lo, hi], [y, y], color=colour, marker="|", markersize=10)
+        ax.plot(present, [y, y], color=colour, marker="|", markersize=10)
 
 
 def forest(comparison: dict):

@@ -314,9 +314,13 @@ def no_interval_text(n_parents: int) -> str:
     return f"no interval ({n_parents} test parent{'' if n_parents == 1 else 's'})"
 
 
-def interval_text(interval, n_parents: int) -> str:
-    """``[+lo, +hi]`` in pp, or the one phrase for a missing interval (None, or NaN in results from older runs)."""
+def present_interval(interval) -> tuple[float, float] | None:
+    """``(lo, hi)``, or None for a missing interval (None, or NaN in results from older runs)."""
     lo, hi = interval if interval is not None else (None, None)
-    if lo is None or hi is None or lo != lo or hi != hi:
-        return no_interval_text(n_parents)
-    return f"[{lo:+.2f}, {hi:+.2f}]"
+    return None if lo is None or hi is None or lo != lo or hi != hi else (lo, hi)
+
+
+def interval_text(interval, n_parents: int) -> str:
+    """``[+lo, +hi]`` in pp, or the one phrase for a missing interval."""
+    present = present_interval(interval)
+    return no_interval_text(n_parents) if present is None else f"[{present[0]:+.2f}, {present[1]:+.2f}]"

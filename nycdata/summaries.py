@@ -41,6 +41,7 @@ def data_summary(index, spec: chips.DatasetSpec, roles: pd.DataFrame | None = No
     """The dataset in numbers; with cross-validation ``roles`` (:func:`nycdata.chips.fold_roles`), the folds too."""
     pixels = class_pixels(index)
     fractions = pixels[list(CLASS_NAMES)].div(pixels[list(CLASS_NAMES)].sum(axis=1), axis=0)
+    sizes = None if roles is None else fold_sizes(roles)
     return {
         "n_chips": int(len(index)), "n_parents": int(index["parent_id"].nunique()),
         "chip_size": spec.chip_size, "timesteps": spec.timesteps, "modalities": list(spec.modalities),
@@ -48,10 +49,10 @@ def data_summary(index, spec: chips.DatasetSpec, roles: pd.DataFrame | None = No
         "class_pixels": pixels.to_dict(orient="index"),
         "class_fraction": fractions.round(6).to_dict(orient="index"),
         "bounds_lonlat": [float(v) for v in index.total_bounds],
-        "cv_folds": 0 if roles is None else int(roles["fold"].nunique()),
-        "folds": None if roles is None else {
-            str(fold): {split: {"chips": int(g.loc[g.split == split, "chips"].sum()), "parents": int((g.split == split).sum())}
-                        for split in chips.SPLITS} for fold, g in roles.groupby("fold")},
+        "cv_folds": 0 if sizes is None else len(sizes),
+        "folds": None if sizes is None else {
+            str(fold): {split: {n: int(sizes.loc[fold, (n, split)]) for n in ("chips", "parents")} for split in chips.SPLITS}
+            for fold in sizes.index},
     }
 
 

@@ -148,7 +148,7 @@ def cache_thoughts(params: Mapping, variant, log: Callable[[str], None] = print)
                 ids = think_chip(task, sample, identity["samples"], params["thought_seed"], params["precision"])
                 np.save(tmp / f"{sample['filename']}.npy", ids)
                 progress.step()
-        write_json(tmp / DONE_FILE, {"identity": identity, "samples": identity["samples"], "chips": progress.done,
+        write_json(tmp / DONE_FILE, {"identity": identity, "chips": progress.done,
                                      "seconds": progress.elapsed(), "device": str(training_device(params))})
     del task  # the generator is only needed for this pass
     log(f"cached thoughts of {progress.done} chips x 8 transforms x {identity['samples']} samples in "
@@ -241,7 +241,7 @@ def _version(package: str) -> str:
 
 def _token_grid(sample: dict) -> tuple[int, int]:
     height, width = next(iter(sample["image"].values())).shape[-2:]
-    return height // 16, width // 16
+    return height // PATCH, width // PATCH
 
 
 def cached_sample_count(root: Path) -> int:
@@ -249,7 +249,7 @@ def cached_sample_count(root: Path) -> int:
     done = Path(root) / DONE_FILE
     if not done.is_file():
         raise FileNotFoundError(f"{done} missing: the thought cache at {root} is unfinished; delete it to regenerate")
-    return json.loads(done.read_text())["samples"]
+    return json.loads(done.read_text())["identity"]["samples"]
 
 
 def read_thoughts(root: Path, chip: str, transform: int, sample: int) -> torch.Tensor:
