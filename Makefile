@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-from-lock
 
 PARAMS ?= params/nyc.yaml
 
-.PHONY: test demo study venv lock clean-outputs
+.PHONY: test demo demo-original study venv lock clean-outputs
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m nycdata run -f params/fixture.yaml -p run_name demo --overwrite
 
+# The original experiment's configuration, defects included (params/original.yaml), on the fixture's tiny model;
+# cv_folds 0 because the original used one fixed split.
+demo-original: $(STAMP)
+	$(PY) -m nycdata run -f params/original.yaml -f params/fixture.yaml -p cv_folds 0 -p run_name demo_original --overwrite
+
 # The variants x seeds grid of PARAMS; rerunning continues where it stopped.
 study: $(STAMP)
 	$(PY) -m nycdata study -f $(PARAMS)
@@ -35,4 +40,4 @@ lock: $(STAMP)
 	mv requirements.lock.new requirements.lock
 
 clean-outputs:
-	rm -rf outputs/fixture_data outputs/demo
+	rm -rf outputs/fixture_data outputs/demo outputs/demo_original

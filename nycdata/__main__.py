@@ -104,13 +104,19 @@ def cmd_fetch(args) -> int:
 
     params = _params(args)
     out = Path(args.out_dir)
-    if args.source == "majortom":
-        fetch.fetch_majortom(out, max_cloud=params["max_cloud_cover"], log=_log)
-    elif args.source == "stac":
-        fetch.fetch_stac(out, start=args.start, end=args.end, max_cloud=params["max_cloud_cover"], log=_log)
+    common = dict(bbox=tuple(params["fetch_bbox"]), dry_run=args.dry_run, log=_log)
+    window = dict(start=params["fetch_start"] or None, end=params["fetch_end"] or None)
+    if args.source == "stac":
+        from nycdata import stac
+
+        stac.fetch_stac(out, **common, **window, timesteps=params["timesteps"], max_cloud=params["max_cloud_cover"],
+                        parent_px=params["parent_size_px"], s1_max_days=params["s1_max_days"],
+                        catalog=params["stac_catalog"])
+    elif args.source == "majortom":
+        fetch.fetch_majortom(out, **common, **window, max_cloud=params["max_cloud_cover"])
     else:
-        fetch.fetch_worldcover(out, log=_log)
-    _log(f"fetch: manifest {out / 'sources.csv'}")
+        fetch.fetch_worldcover(out, **common)
+    _log("fetch: dry run, nothing written" if args.dry_run else f"fetch: manifest {out / 'sources.csv'}")
     return 0
 
 
@@ -177,11 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_options(p)
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("fetch", help="download raw sources for the NYC AOI and write sources.csv (needs internet)")
-    p.add_argument("source", choices=["majortom", "stac", "worldcover"])
+    p = sub.add_parser("fetch", help="download raw sources for the NYC AOI and write sources.csv (needs internet)",
+                       description="stac: the default multi-date chain (Planetary Computer: S2 dates over the season, "
+                       "S1 matched to them, DEM, WorldCover). majortom + worldcover: the original's single-date "
+                       "sources. Dates from fetch_start/fetch_end, cloud from max_cloud_cover (-f/-p).")
+    p.add_argument("source", choices=["stac", "majortom", "worldcover"])
     p.add_argument("out_dir")
-    p.add_argument("--start", default="2020-01-01", help="first date (stac)")
-    p.add_argument("--end", default="2025-12-31", help="last date (stac)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be fetched (parents/cells, dates, products, cloud %%, sizes); write nothing")
     _add_params_options(p)
     p.set_defaults(func=cmd_fetch)
 

@@ -5,19 +5,26 @@ by hand; columns ``parent_id, modality, date, band, path, cloud_cover,
 processing_baseline, product_id``) and writes the chip format of
 :mod:`nycdata.chips`, then validates it. What it fixes, and records per chip:
 
-- T dates per parent: ``distinct`` cloud-filtered dates spread over the season
-  (the original copied one scene T times; ``replicate`` keeps that, explicitly);
+- T dates per parent: ``distinct`` cloud-filtered S2 dates spread over the
+  season, each with its own S1 date (the original copied one scene T times;
+  ``replicate`` keeps that, explicitly -- Major-TOM Core has one date per cell);
 - S1 linear power -> dB (the original normalised linear values with dB
-  statistics); zeros/NaN are nodata, filled with the pretraining mean;
-- S2 scenes before processing baseline 04.00 get the +1000 BOA offset that
-  TerraMind's pretraining data has;
-- a missing DEM is an error unless ``allow_missing_dem``, and is then flagged;
+  statistics; ``s1_convert_to_db: false`` keeps that); zeros/NaN are nodata,
+  filled with the pretraining mean;
+- every S2 scene is brought to one radiometric convention,
+  ``s2_offset_convention``: the +1000 BOA offset of processing baseline >= 04.00
+  removed (``without_offset``) or added to older scenes (``with_offset``), or
+  left as delivered (the original); baseline 99.99 (reprocessed) scenes are
+  judged from their darkest pixels;
+- a missing DEM is an error unless ``missing_dem`` is ``mean`` (flagged) or
+  ``zero`` (the original's silent zero fill, flagged too);
 - WorldCover -> the 5 classes of :mod:`nycdata.classes` (nearest resampling).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +40,15 @@ from nycdata.io import replace_dir_atomically
 from nycdata.sources import ALL_PARENTS, MANIFEST_COLUMNS, OFFSET_BASELINE, OFFSET_DATE, SOURCE_MODALITIES
 
 S2_OFFSET = 1000
+S2_CONVENTIONS = ("without_offset", "with_offset", "as_delivered")
+MISSING_DEM_CHOICES = ("error", "mean", "zero")
+SPLIT_METHODS = ("permutation", "original")
+REPROCESSED_BASELINE = "99.99"  # Major-TOM N9999: CloudFerro reprocessings with various Sen2Cor versions
+# Darkest valid DN (0.5th percentile, darkest of the 10/20 m bands) of a scene: water and shadow sit near 0 without the
+# offset and near 1000 with it. Between the two thresholds a scene is refused rather than guessed.
+DARK_PERCENTILE = 0.5
+DARK_WITHOUT_OFFSET_MAX, DARK_WITH_OFFSET_MIN = 500.0, 800.0
+LABEL_YEAR = 2021  # ESA WorldCover 2021 v200
 
 
 class SourceError(ValueError):
@@ -79,17 +95,41 @@ def choose_dates(s2_rows: pd.DataFrame, timesteps: int, mode: str, max_cloud: fl
     if mode != "distinct":
         raise SourceError(f"temporal_mode {mode!r} unknown; choose distinct or replicate")
     if len(dates) < timesteps:
-        raise SourceError(f"parent {parent}: {len(dates)} cloud-filtered S2 dates, {timesteps} timesteps needed; "
-                          "fetch more dates (STAC) or use temporal_mode: replicate")
+        raise SourceError(f"parent {parent}: {len(dates)} cloud-filtered S2 dates, {timesteps} timesteps needed. Major-TOM "
+                          "Core holds one date per cell: build it with temporal_mode: replicate (params/original.yaml), "
+                          "or fetch a multi-date series with `python -m nycdata fetch stac`")
     picks = np.unique(np.round(np.linspace(0, len(dates) - 1, timesteps)).astype(int))
     return [dates[i] for i in picks]
 
 
 def needs_offset(date: str, baseline: str) -> bool:
-    """True for scenes without the +1000 BOA offset: baseline < 04.00, or (baseline unknown) before 2022-01-25."""
+    """True for scenes delivered without the +1000 BOA offset: baseline < 04.00, or (baseline unknown) before 2022-01-25.
+    Baseline 99.99 cannot be judged from metadata: see :func:`offset_from_pixels`."""
+    if baseline == REPROCESSED_BASELINE:
+        raise ValueError("processing baseline 99.99 says nothing about the offset; judge it with offset_from_pixels")
     if baseline:
         return baseline < OFFSET_BASELINE
     return dt.date.fromisoformat(date) < OFFSET_DATE
+
+
+def darkest_dn(stack: np.ndarray) -> float:
+    """The scene's dark-object level: the lowest 0.5th percentile of valid (> 0) DNs over the 10 and 20 m bands."""
+    bands = [chips.S2L2A_BANDS.index(b) for b in ("B02", "B03", "B04", "B08", "B11", "B12")]
+    levels = [np.percentile(v[v > 0], DARK_PERCENTILE) for v in (stack[i][np.isfinite(stack[i])] for i in bands) if (v > 0).any()]
+    return float(min(levels)) if levels else float("nan")
+
+
+def offset_from_pixels(stack: np.ndarray, where: str) -> bool:
+    """Whether a scene's DNs carry the +1000 offset, judged from its darkest pixels; refused when unclear."""
+    dark = darkest_dn(stack)
+    if dark <= DARK_WITHOUT_OFFSET_MAX:
+        return False
+    if dark >= DARK_WITH_OFFSET_MIN:
+        return True
+    raise SourceError(f"{where}: processing baseline 99.99 (reprocessed) and its darkest pixels sit at {dark:.0f} DN, "
+                      f"between {DARK_WITHOUT_OFFSET_MAX:.0f} (no offset) and {DARK_WITH_OFFSET_MIN:.0f} (+1000 offset): "
+                      "cannot tell whether the offset is present. Check the product's BOA_ADD_OFFSET and write 03.00 "
+                      "(absent) or 04.00 (present) as its processing_baseline in sources.csv, or drop the scene")
 
 
 def _reproject(path: str, grid: Grid, resampling: str, band: int | None = None, dst_nodata=None) -> np.ndarray:
@@ -117,8 +157,33 @@ def reference_grid(s2_rows: pd.DataFrame) -> Grid:
         return Grid(src.crs, src.transform, src.height, src.width)
 
 
-def s2_stack(rows: pd.DataFrame, grid: Grid, harmonize: bool) -> tuple[np.ndarray, bool]:
-    """(12, H, W) reflectance of one date on ``grid`` (bilinear for coarser bands) and whether +1000 was added."""
+@dataclass(frozen=True)
+class OffsetDecision:
+    """What one S2 scene held and what was done to bring it to ``s2_offset_convention``."""
+
+    delivered: str  # "present" or "absent", with " (pixels)" when judged from the darkest pixels
+    action: str  # "added", "removed" or "" (nothing)
+
+
+def harmonise(stack: np.ndarray, date: str, baseline: str, convention: str, where: str) -> tuple[np.ndarray, OffsetDecision]:
+    """Bring one scene's DNs to ``convention`` (see :data:`S2_CONVENTIONS`); nodata (0) stays 0."""
+    if convention not in S2_CONVENTIONS:
+        raise SourceError(f"s2_offset_convention {convention!r} unknown; choose one of {list(S2_CONVENTIONS)}")
+    if baseline == REPROCESSED_BASELINE:
+        present, delivered_how = offset_from_pixels(stack, where), " (pixels)"
+    else:
+        present, delivered_how = not needs_offset(date, baseline), ""
+    delivered = ("present" if present else "absent") + delivered_how
+    valid = stack > 0
+    if convention == "with_offset" and not present:
+        return np.where(valid, stack + S2_OFFSET, 0.0), OffsetDecision(delivered, "added")
+    if convention == "without_offset" and present:
+        return np.where(valid, np.maximum(stack - S2_OFFSET, 0.0), 0.0), OffsetDecision(delivered, "removed")
+    return stack, OffsetDecision(delivered, "")
+
+
+def s2_stack(rows: pd.DataFrame, grid: Grid, convention: str) -> tuple[np.ndarray, OffsetDecision]:
+    """(12, H, W) DNs of one date on ``grid`` (bilinear for coarser bands), in ``convention``, and what was done."""
     if (rows["band"] == "").any():
         stack = _reproject(rows[rows["band"] == ""].iloc[0]["file"], grid, "bilinear")
     else:
@@ -127,16 +192,20 @@ def s2_stack(rows: pd.DataFrame, grid: Grid, harmonize: bool) -> tuple[np.ndarra
         if missing:
             raise SourceError(f"parent {rows.iloc[0]['parent_id']} date {rows.iloc[0]['date']}: S2 bands {missing} missing")
         stack = np.concatenate([_reproject(by_band.loc[b, "file"], grid, "bilinear") for b in chips.S2L2A_BANDS])
-    offset = harmonize and needs_offset(rows.iloc[0]["date"], rows.iloc[0]["processing_baseline"])
-    if offset:
-        stack = stack + S2_OFFSET
-    return np.nan_to_num(stack, nan=0.0), offset
+    first = rows.iloc[0]
+    where = f"parent {first['parent_id']} S2 {first['date']} ({first['product_id'] or first['file']})"
+    stack, decision = harmonise(np.nan_to_num(stack, nan=0.0), first["date"], first["processing_baseline"], convention, where)
+    return stack, decision
 
 
-def s1_db(path: str, grid: Grid, declared: str, where: str) -> tuple[np.ndarray, float]:
-    """(2, H, W) VV/VH in dB on ``grid`` and the nodata fraction; nodata filled with the pretraining mean."""
+def s1_db(path: str, grid: Grid, declared: str, where: str, convert: bool = True) -> tuple[np.ndarray, float]:
+    """(2, H, W) VV/VH in dB on ``grid`` and the nodata fraction; nodata filled with the pretraining mean.
+
+    ``convert=False`` reproduces the original's defect: values stay as stored (linear power), nodata 0."""
     values = _reproject(path, grid, "bilinear")
     valid = np.isfinite(values) & (values != 0)
+    if not convert:
+        return np.where(valid, values, 0.0), float(1 - valid.all(axis=0).mean())
     scale = declared
     looks_db = np.nanmedian(np.where(valid, values, np.nan)) < 0 if valid.any() else declared == "db"
     if declared == "linear" and looks_db:
@@ -156,10 +225,24 @@ def cut_windows(grid: Grid, size: int) -> list[tuple[int, int]]:
     return [(r, c) for r in range(grid.height // size) for c in range(grid.width // size)]
 
 
-def grouped_split(parents: list[str], fractions, seed: int) -> dict[str, str]:
-    """Whole parents to train/val/test, about ``fractions`` of parents each, at least one each."""
+def grouped_split(parents: list[str], fractions, seed: int, method: str = "permutation") -> dict[str, str]:
+    """Whole parents to train/val/test, about ``fractions`` of parents each, at least one each.
+
+    ``method="original"`` is the original script's split, kept to reproduce its 224/48/64 chips: sorted parent
+    ids shuffled by ``random.Random(seed)``, ``int(0.7 n)`` train, ``int(0.15 n)`` val, the rest test."""
     if len(parents) < 3:
         raise SourceError(f"{len(parents)} parents: a grouped train/val/test split needs at least 3")
+    if method == "original":
+        order = sorted(parents)
+        random.Random(seed).shuffle(order)
+        n_train, n_val = int(fractions[0] * len(order)), int(fractions[1] * len(order))
+        if min(n_train, n_val, len(order) - n_train - n_val) == 0:
+            raise SourceError(f"split_method original gives {n_train}/{n_val}/{len(order) - n_train - n_val} of "
+                              f"{len(order)} parents to train/val/test: a split would be empty; use split_method: "
+                              "permutation (at least one parent each) or more parents")
+        return {p: "train" if i < n_train else "val" if i < n_train + n_val else "test" for i, p in enumerate(order)}
+    if method != "permutation":
+        raise SourceError(f"split_method {method!r} unknown; choose one of {list(SPLIT_METHODS)}")
     order = [parents[i] for i in np.random.default_rng(seed).permutation(len(parents))]
     n_test = max(1, round(fractions[2] * len(parents)))
     n_val = max(1, round(fractions[1] * len(parents)))
@@ -183,6 +266,7 @@ class ParentStack:
     s1_nodata: float
     product_ids: list[str]
     cloud_cover: list[float]
+    s2_offset: list[str]  # per date: how the scene was delivered (present / absent, "(pixels)" when judged from pixels)
 
 
 def assemble_parent(manifest: pd.DataFrame, parent: str, params: Mapping, log: Callable[[str], None]) -> ParentStack:
@@ -193,41 +277,76 @@ def assemble_parent(manifest: pd.DataFrame, parent: str, params: Mapping, log: C
     grid = reference_grid(s2_rows)
     dates = choose_dates(s2_rows, params["timesteps"], params["temporal_mode"], params["max_cloud_cover"], parent)
     fixes = ["temporal_replicate"] if params["temporal_mode"] == "replicate" else []
-    stacks, offsets = zip(*(s2_stack(s2_rows[s2_rows["date"] == d], grid, params["s2_harmonize"]) for d in dates))
-    fixes += [f"s2_offset_{d}" for d, added in zip(dates, offsets) if added]
+    stacks, decisions = zip(*(s2_stack(s2_rows[s2_rows["date"] == d], grid, params["s2_offset_convention"]) for d in dates))
+    fixes += [f"s2_offset_{o.action}_{d}" for d, o in zip(dates, decisions) if o.action]
     s1, s1_dates, nodata = _s1_series(rows, parent, dates, grid, params)
-    fixes += ["s1_db"] if params["s1_input_scale"] == "linear" else []
+    if not params["s1_convert_to_db"]:
+        fixes.append("s1_linear_kept")
+    elif params["s1_input_scale"] == "linear":
+        fixes.append("s1_db")
     dem, dem_fix = _dem(rows, manifest, parent, grid, params)
     label = _labels(manifest, parent, grid)
     per_date = s2_rows.drop_duplicates("date").set_index("date")
     log(f"parent {parent}: {grid.width}x{grid.height} px, dates {', '.join(dates)}, fixes {fixes + dem_fix or 'none'}")
     return ParentStack(parent, grid, dates, s1_dates, np.stack(stacks), s1, dem, label, fixes + dem_fix, nodata,
                        [per_date.loc[d, "product_id"] for d in dates],
-                       [float(pd.to_numeric(per_date.loc[d, "cloud_cover"], errors="coerce") or 0.0) for d in dates])
+                       [float(pd.to_numeric(per_date.loc[d, "cloud_cover"], errors="coerce") or 0.0) for d in dates],
+                       [o.delivered for o in decisions])
 
 
 def _s1_series(rows, parent, dates, grid, params):
     s1_rows = rows[rows["modality"] == "S1RTC"]
     if s1_rows.empty:
         raise SourceError(f"parent {parent}: no S1RTC rows in the manifest")
-    available = sorted(set(s1_rows["date"]))
-    nearest = [min(available, key=lambda a: abs(dt.date.fromisoformat(a) - dt.date.fromisoformat(d))) for d in dates]
+    nearest = match_s1_dates(dates, sorted(set(s1_rows["date"])), distinct=params["temporal_mode"] == "distinct",
+                             parent=parent)
     series, nodata = [], []
     for date in nearest:
         file = s1_rows[s1_rows["date"] == date].iloc[0]["file"]
-        values, missing = s1_db(file, grid, params["s1_input_scale"], file)
+        values, missing = s1_db(file, grid, params["s1_input_scale"], file, convert=params["s1_convert_to_db"])
         series.append(values)
         nodata.append(missing)
     return np.stack(series), nearest, float(np.mean(nodata))
 
 
+def _days(a: str, b: str) -> int:
+    return abs((dt.date.fromisoformat(a) - dt.date.fromisoformat(b)).days)
+
+
+def match_s1_dates(s2_dates: list[str], s1_dates: list[str], distinct: bool, parent: str) -> list[str]:
+    """The S1 date for each S2 date: the nearest one; with ``distinct``, nearest among those not yet taken
+    (closest pairs first), so T timesteps get T different radar scenes."""
+    if not distinct:
+        return [min(s1_dates, key=lambda a: _days(a, d)) for d in s2_dates]
+    if len(set(s1_dates)) < len(set(s2_dates)):
+        raise SourceError(f"parent {parent}: {len(set(s1_dates))} S1 dates for {len(set(s2_dates))} distinct S2 dates; "
+                          "fetch S1 per S2 date (`python -m nycdata fetch stac`) or use temporal_mode: replicate")
+    pairs = sorted((_days(a, d), i, a) for i, d in enumerate(s2_dates) for a in s1_dates)
+    chosen: dict[int, str] = {}
+    for _, i, a in pairs:
+        if i not in chosen and a not in chosen.values():
+            chosen[i] = a
+    return [chosen[i] for i in range(len(s2_dates))]
+
+
+def label_gap_days(dates: list[str]) -> int:
+    """Days from the farthest image date to the label year (0 when every date lies in it)."""
+    first, last = dt.date(LABEL_YEAR, 1, 1), dt.date(LABEL_YEAR, 12, 31)
+    gaps = [max((first - d).days, (d - last).days, 0) for d in map(dt.date.fromisoformat, dates)]
+    return max(gaps, default=0)
+
+
 def _dem(rows, manifest, parent, grid, params):
     dem_rows = rows[rows["modality"] == "DEM"]
     if dem_rows.empty:
-        if not params["allow_missing_dem"]:
-            raise SourceError(f"parent {parent}: no DEM in the manifest. Fetch it, or set allow_missing_dem: true to use a "
+        how = params["missing_dem"]
+        if how not in MISSING_DEM_CHOICES:
+            raise SourceError(f"missing_dem {how!r} unknown; choose one of {list(MISSING_DEM_CHOICES)}")
+        if how == "error":
+            raise SourceError(f"parent {parent}: no DEM in the manifest. Fetch it, or set missing_dem: mean to use a "
                               "constant DEM (pretraining mean) flagged as dem_missing in the index")
-        return np.full((1, grid.height, grid.width), TERRAMIND_V1_STATS["DEM"][0][0]), ["dem_missing"]
+        fill = TERRAMIND_V1_STATS["DEM"][0][0] if how == "mean" else 0.0
+        return np.full((1, grid.height, grid.width), fill), ["dem_missing"] + (["dem_zero_filled"] if how == "zero" else [])
     dem = _reproject(dem_rows.iloc[0]["file"], grid, "bilinear")
     if np.isnan(dem).any():
         raise SourceError(f"parent {parent}: DEM {dem_rows.iloc[0]['file']} does not cover the parent's grid")
@@ -262,6 +381,8 @@ def write_parent_chips(out_dir: Path, stack: ParentStack, size: int, min_valid: 
         row = {"chip_id": cid, "parent_id": stack.parent, "row": r, "col": c, "crs": stack.grid.crs.to_string(),
                "dates": "|".join(stack.dates), "s1_dates": "|".join(stack.s1_dates),
                "product_ids": "|".join(stack.product_ids), "cloud_cover": "|".join(f"{v:g}" for v in stack.cloud_cover),
+               "s2_offset": "|".join(stack.s2_offset), "label_gap_days": label_gap_days(stack.dates),
+               "s1_gap_days": max(map(_days, stack.dates, stack.s1_dates), default=0),
                "fixes": "|".join(stack.fixes), "dem_missing": "dem_missing" in stack.fixes,
                "s1_nodata_fraction": stack.s1_nodata, "label_nodata_fraction": float((label == IGNORE_INDEX).mean())}
         for modality, array in arrays.items():
@@ -279,8 +400,8 @@ def _assign_splits(index: pd.DataFrame, params: Mapping, log) -> pd.DataFrame:
     from nycdata.params import resolve_path
 
     if not params["test_chips_file"]:
-        return index.assign(split=index["parent_id"].map(grouped_split(sorted(set(index["parent_id"])),
-                                                                         params["split_fractions"], params["split_seed"])))
+        return index.assign(split=index["parent_id"].map(grouped_split(
+            sorted(set(index["parent_id"])), params["split_fractions"], params["split_seed"], params["split_method"])))
     listed = {line.strip() for line in resolve_path(params["test_chips_file"]).read_text().splitlines() if line.strip()}
     unknown = listed - set(index["chip_id"])
     if unknown:
@@ -319,8 +440,9 @@ def build_dataset(manifest_path: Path, out_dir: Path, params: Mapping, overwrite
             raise SourceError(f"{manifest_path}: no chip survived; check the chip_size and min_valid_fraction parameters")
         index = _assign_splits(pd.concat(frames, ignore_index=True), params, log)
         chips.write_index(tmp, gpd.GeoDataFrame(index, geometry="geometry", crs=chips.INDEX_CRS))
-        build_keys = ("chip_size", "timesteps", "temporal_mode", "max_cloud_cover", "s1_input_scale", "s2_harmonize",
-                      "allow_missing_dem", "min_valid_fraction", "split_fractions", "split_seed", "test_chips_file")
+        build_keys = ("chip_size", "timesteps", "temporal_mode", "max_cloud_cover", "s1_input_scale", "s1_convert_to_db",
+                      "s2_offset_convention", "missing_dem", "min_valid_fraction", "split_fractions", "split_seed",
+                      "split_method", "test_chips_file")
         chips.DatasetSpec(chip_size=size, timesteps=params["timesteps"], source={
             "generator": "nycdata.build", "manifest": str(manifest_path), **{k: params[k] for k in build_keys}}).write(tmp)
         problems = validate_dataset(tmp)
@@ -336,21 +458,20 @@ def s1_conversion_example(manifest: pd.DataFrame, parent: str, params: Mapping) 
     row = manifest[(manifest["parent_id"] == parent) & (manifest["modality"] == "S1RTC")].sort_values("date").iloc[0]
     grid = reference_grid(s2_rows)
     raw = _reproject(row["file"], grid, "bilinear")[0]
-    converted, _ = s1_db(row["file"], grid, params["s1_input_scale"], row["file"])
+    converted, _ = s1_db(row["file"], grid, params["s1_input_scale"], row["file"], convert=params["s1_convert_to_db"])
     return {"date": row["date"], "before": raw, "after": converted[0]}
 
 
 def s2_harmonisation_example(manifest: pd.DataFrame, parent: str, params: Mapping) -> dict | None:
-    """B04 of the parent's first scene that needs the +1000 offset, before and after, or None if none does."""
+    """B04 of the parent's first scene that ``s2_offset_convention`` changes, before and after, or None if none."""
     rows = manifest[(manifest["parent_id"] == parent) & (manifest["modality"] == "S2L2A")]
-    old = rows[[needs_offset(d, b) for d, b in zip(rows["date"], rows["processing_baseline"])]]
-    if old.empty:
-        return None
-    date = sorted(old["date"])[0]
     grid = reference_grid(rows)
-    before, _ = s2_stack(rows[rows["date"] == date], grid, harmonize=False)
-    after, _ = s2_stack(rows[rows["date"] == date], grid, harmonize=params["s2_harmonize"])
-    return {"date": date, "before": before[3], "after": after[3]}
+    for date in sorted(set(rows["date"])):
+        before, _ = s2_stack(rows[rows["date"] == date], grid, "as_delivered")
+        after, decision = s2_stack(rows[rows["date"] == date], grid, params["s2_offset_convention"])
+        if decision.action:
+            return {"date": date, "before": before[3], "after": after[3], "action": decision.action}
+    return None
 
 
 def ensure_sources(params: Mapping, log: Callable[[str], None] = print) -> Path:

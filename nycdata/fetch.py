@@ -5,23 +5,31 @@ one folder plus a sources manifest, ``sources.csv``; the builder reads only
 that folder. On a machine without internet run the fetch on a connected
 machine and copy the whole folder (files + ``sources.csv``) over.
 
-Three sources, each a function with its exact command in its docstring:
+Sources, each a function with its exact command in its docstring:
 
 * :func:`fetch_majortom` -- Major-TOM Core datasets on Hugging Face
-  (``Major-TOM/Core-S2L2A``, ``Core-S1RTC``, ``Core-DEM``): one file per band,
-  per grid cell and date.
-* :func:`fetch_stac` -- Sentinel-2 L2A from a STAC API (Element 84
-  earth-search by default), each band clipped to the AOI window.
+  (``Major-TOM/Core-S2L2A``, ``Core-S1RTC``, ``Core-DEM``). Core is
+  single-date: it holds each ~10 km grid cell once, with one S2 product
+  (2018-2021 acquisitions, plus reprocessed ``N9999`` ones) and one S1 product
+  whose date is unrelated to the S2 one. It is not a time series: one date per
+  parent, so build it with ``temporal_mode: replicate`` (``params/original.yaml``).
+  Cells are chosen once from the S2 metadata; S1 and DEM follow by grid cell.
 * :func:`fetch_worldcover` -- ESA WorldCover 2021 v200 label tiles.
+* the default, multi-date chain lives in :mod:`nycdata.stac` (Planetary
+  Computer: S2 dates over the season, S1 matched to them, DEM, WorldCover).
 
-All three are resumable: files already on disk are skipped, HTTP downloads
+All are resumable: files already on disk are skipped, HTTP downloads
 continue from their ``.part`` file, and :func:`write_manifest` merges with an
-existing ``sources.csv`` instead of duplicating rows.
+existing ``sources.csv`` instead of duplicating rows. ``dry_run=True``
+(:func:`fetch_majortom`, :func:`fetch_worldcover`) logs the plan -- cells,
+dates, products, cloud, estimated sizes (:func:`nycdata.fetch_plan.plan_table`)
+-- and writes nothing; a real fetch logs bytes as they come and ends with
+:func:`nycdata.fetch_plan.fetched_table`.
 
 ``sources.csv`` (one row per file; every value is text, empty = unknown/none):
 
 =====================  ==========================================================
-``parent_id``          Major-TOM grid cell (``433U_1055L``), MGRS tile (``18TWL``),
+``parent_id``          Major-TOM grid cell (``452U_625L``), STAC parent cell (``E0584N4505``),
                        or ``*`` = applies to every parent (WorldCover; the
                        builder clips it to each parent's footprint)
 ``modality``           ``S2L2A``, ``S1RTC``, ``DEM`` or ``WORLDCOVER``
@@ -31,7 +39,8 @@ existing ``sources.csv`` instead of duplicating rows.
                        canonical order
 ``path``               file path relative to the manifest's folder (``/``-separated)
 ``cloud_cover``        scene / cell cloud percentage, or empty
-``processing_baseline`` Sentinel-2 baseline such as ``04.00``, or empty
+``processing_baseline`` Sentinel-2 baseline such as ``04.00``, or empty; ``99.99``
+                       (Major-TOM ``N9999``) = reprocessed, offset judged from pixels
 ``product_id``         source product / item id, free text
 =====================  ==========================================================
 
@@ -54,6 +63,7 @@ from urllib.parse import unquote
 
 import pandas as pd
 
+from nycdata.fetch_plan import ByteProgress, PlannedFile, fetched_table, human_bytes, plan_table, raster_bytes
 from nycdata.sources import ALL_PARENTS, MANIFEST_COLUMNS, MANIFEST_FILE, MODALITY_BANDS, NYC_BBOX, SOURCE_MODALITIES
 
 Log = Callable[[str], None]
@@ -328,7 +338,8 @@ class Response(Protocol):
 
 
 class Session(Protocol):
-    """What :func:`download` needs of an HTTP session: ``requests.Session`` satisfies it as is."""
+    """What :func:`download` needs of an HTTP session: ``requests.Session`` satisfies it as is. A ``head``
+    method, when the session has one, gives :func:`remote_size` a plan's file sizes."""
 
     def get(self, url: str, headers: Mapping[str, str] | None = ..., stream: bool = ..., timeout: float = ...) -> Response: ...
 
@@ -360,6 +371,9 @@ class _HttpxSession:
     def get(self, url, headers=None, stream=True, timeout=60):
         request = self._client.build_request("GET", url, headers=headers, timeout=timeout)
         return _HttpxResponse(self._client.send(request, stream=True))
+
+    def head(self, url, timeout=30, allow_redirects=True):
+        return _HttpxResponse(self._client.head(url, timeout=timeout, follow_redirects=allow_redirects))
 
 
 def default_session() -> Session:
@@ -403,7 +417,7 @@ def _retry_after(headers) -> float | None:
 
 def download(url: str, dest: str | Path, session: Session | None = None, retries: int = 5, backoff: float = 1.0,
              timeout: float = 60, sleep: Callable[[float], Any] = time.sleep, log: Log | None = None,
-             chunk_size: int = 1 << 20) -> Path:
+             chunk_size: int = 1 << 20, progress_every_s: float = 5.0) -> Path:
     """Download ``url`` to ``dest``, resumably; return ``dest``.
 
     * ``dest`` already there: nothing is requested.
@@ -418,6 +432,9 @@ def download(url: str, dest: str | Path, session: Session | None = None, retries
       the part file is kept, so a retry resumes. Any other 4xx raises
       :class:`DownloadError` at once.
     * Every attempt failing on a connection error raises :class:`OfflineError`.
+    * Progress goes to ``log`` through :class:`ByteProgress` (at most every
+      ``progress_every_s`` seconds; bytes resumed from the part file count as
+      already done), then one final line.
     """
     dest = Path(dest)
     if dest.exists():
@@ -427,6 +444,11 @@ def download(url: str, dest: str | Path, session: Session | None = None, retries
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
     session = session if session is not None else default_session()
+    progress: list[ByteProgress] = []  # the last attempt's, for the final line
+
+    def track(total: int | None, start: int) -> ByteProgress:
+        progress[:] = [ByteProgress(dest.name, total, log, every_s=progress_every_s, start=start)]
+        return progress[0]
 
     def attempt() -> None:
         offset = part.stat().st_size if part.exists() else 0
@@ -438,46 +460,7 @@ def download(url: str, dest: str | Path, session: Session | None = None, retries
                 raise _Transient("connection", f"{type(exc).__name__}: {exc}") from exc
             raise
         try:
-            status = int(response.status_code)
-            if status == 416 and offset:
-                _, total = _content_range(response.headers)
-                if total == offset:
-                    return  # the part file already holds everything
-                part.unlink()
-                raise _Transient("server", f"HTTP 416 for range from byte {offset}; starting over")
-            if status == 429 or 500 <= status < 600:
-                raise _Transient("server", f"HTTP {status}", _retry_after(response.headers))
-            if status >= 300:
-                raise DownloadError(f"{url}: HTTP {status}; not retried")
-            expected: int | None = None
-            start, total = _content_range(response.headers)
-            if status == 206:
-                if start is not None and start != offset:
-                    part.unlink(missing_ok=True)
-                    raise _Transient("server", f"asked for byte {offset}, server sent from byte {start}; starting over")
-                mode, expected = ("ab" if offset else "wb"), total
-            else:
-                if offset and log:
-                    log(f"  {dest.name}: server ignored the Range request; restarting from byte 0")
-                mode = "wb"
-                length = _header(response.headers, "Content-Length")
-                encoding = (_header(response.headers, "Content-Encoding") or "identity").lower()
-                if length is not None and encoding == "identity":
-                    expected = int(length)
-            with open(part, mode) as fh:
-                try:
-                    for chunk in response.iter_content(chunk_size=chunk_size):
-                        if chunk:
-                            fh.write(chunk)
-                except Exception as exc:
-                    if _is_connection_error(exc):
-                        raise _Transient("interrupted", f"stream cut: {type(exc).__name__}: {exc}") from exc
-                    raise
-            size = part.stat().st_size
-            if expected is not None and size != expected:
-                if size > expected:
-                    part.unlink()
-                raise _Transient("interrupted", f"got {size} of {expected} bytes")
+            _receive(response, url, part, offset, chunk_size, track, log)
         finally:
             close = getattr(response, "close", None)
             if callable(close):
@@ -485,57 +468,287 @@ def download(url: str, dest: str | Path, session: Session | None = None, retries
 
     _retry(attempt, url, retries=retries, backoff=backoff, sleep=sleep, log=log)
     os.replace(part, dest)
+    if progress:
+        progress[0].finish()
     return dest
+
+
+def _receive(response: Response, url: str, part: Path, offset: int, chunk_size: int,
+             track: Callable[[int | None, int], ByteProgress], log: Log | None) -> None:
+    """One attempt's answer into ``part``: checks the status and the length, raises :class:`_Transient` to retry."""
+    status = int(response.status_code)
+    if status == 416 and offset:
+        _, total = _content_range(response.headers)
+        if total == offset:
+            track(total, offset)
+            return  # the part file already holds everything
+        part.unlink()
+        raise _Transient("server", f"HTTP 416 for range from byte {offset}; starting over")
+    if status == 429 or 500 <= status < 600:
+        raise _Transient("server", f"HTTP {status}", _retry_after(response.headers))
+    if status >= 300:
+        raise DownloadError(f"{url}: HTTP {status}; not retried")
+    expected: int | None = None
+    start, total = _content_range(response.headers)
+    if status == 206:
+        if start is not None and start != offset:
+            part.unlink(missing_ok=True)
+            raise _Transient("server", f"asked for byte {offset}, server sent from byte {start}; starting over")
+        mode, expected = ("ab" if offset else "wb"), total
+    else:
+        if offset and log:
+            log(f"  {part.name}: server ignored the Range request; restarting from byte 0")
+        mode = "wb"
+        length = _header(response.headers, "Content-Length")
+        encoding = (_header(response.headers, "Content-Encoding") or "identity").lower()
+        if length is not None and encoding == "identity":
+            expected = int(length)
+    progress = track(expected, offset if mode == "ab" else 0)
+    with open(part, mode) as fh:
+        try:
+            for chunk in response.iter_content(chunk_size=chunk_size):
+                if chunk:
+                    fh.write(chunk)
+                    progress(len(chunk))
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise _Transient("interrupted", f"stream cut: {type(exc).__name__}: {exc}") from exc
+            raise
+    size = part.stat().st_size
+    if expected is not None and size != expected:
+        if size > expected:
+            part.unlink()
+        raise _Transient("interrupted", f"got {size} of {expected} bytes")
+
+
+def remote_size(url: str, session: Session | None = None, timeout: float = 30, log: Log | None = None) -> int | None:
+    """The size a server announces for ``url`` (``Content-Length`` of a HEAD request), or None when it does not
+    say or cannot be reached: a dry-run plan is still printed, with the size unknown."""
+    session = session if session is not None else default_session()
+    head = getattr(session, "head", None)
+    if head is None:
+        return None
+    try:
+        response = head(url, timeout=timeout, allow_redirects=True)
+    except Exception as exc:  # noqa: BLE001 - a plan must not fail on a size
+        if log:
+            log(f"  {url}: size unknown (HEAD failed: {type(exc).__name__}: {exc})")
+        return None
+    try:
+        length = _header(response.headers, "Content-Length")
+        encoding = (_header(response.headers, "Content-Encoding") or "identity").lower()
+        if int(response.status_code) >= 300 or length is None or encoding != "identity":
+            if log:
+                log(f"  {url}: size unknown (HEAD answered HTTP {response.status_code})")
+            return None
+        return int(length)
+    finally:
+        close = getattr(response, "close", None)
+        if callable(close):
+            close()
 
 
 # --------------------------------------------------------------------------- Major-TOM (Hugging Face)
 
 MAJORTOM_ORG = "Major-TOM"
-# collection -> (modality, {manifest band: column in the image parquet})
+MAJORTOM_S2 = "Core-S2L2A"
+MAJORTOM_DEFAULT_COLLECTIONS = ("Core-S2L2A", "Core-S1RTC", "Core-DEM")
+# collection -> (modality, {manifest band: column of the image shard}). Shard columns as the dataset cards declare
+# them (README `dataset_info` of huggingface.co/datasets/Major-TOM/Core-S2L2A and Core-S1RTC; Core-DEM's viewer):
+# S2 product_id, grid_cell, product_datetime, thumbnail, B01..B12 with B8A, cloud_mask; S1 ..., vv, vh; DEM
+# grid_cell, thumbnail, compressed, DEM.
 MAJORTOM_COLLECTIONS: dict[str, tuple[str, dict[str, str]]] = {
     "Core-S2L2A": ("S2L2A", {band: band for band in S2_BANDS}),
     "Core-S1RTC": ("S1RTC", {"VV": "vv", "VH": "vh"}),
     "Core-DEM": ("DEM", {"DEM": "DEM"}),
 }
-MAJORTOM_METADATA_COLUMNS = ("grid_cell", "grid_row_u", "grid_col_r", "product_id", "timestamp", "cloud_cover",
-                             "nodata", "centre_lat", "centre_lon", "parquet_url", "parquet_row")
+# The metadata.parquet columns each collection must have. Cells are chosen once, on S2's centre_lon/centre_lat;
+# S1RTC and DEM rows are matched to them by grid_cell, so their centre columns are not needed.
+MAJORTOM_NEEDED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "Core-S2L2A": ("grid_cell", "product_id", "timestamp", "cloud_cover", "centre_lat", "centre_lon",
+                   "parquet_url", "parquet_row"),
+    "Core-S1RTC": ("grid_cell", "product_id", "timestamp", "parquet_url", "parquet_row"),
+    "Core-DEM": ("grid_cell", "parquet_url", "parquet_row"),
+}
+# Band files of one product, for the dry run's size estimate (uncompressed): Core keeps S2 bands at their native
+# 10/20/60 m over the 10.68 km cell (1068/534/178 px, uint16; the S2L2A card lists each band's resolution);
+# S1RTC 1068 px of linear power (float32 assumed: the card gives no dtype); DEM 356 px at 30 m, 32 bits per
+# sample (the GeoTIFF header of a DEM value in the Core-DEM viewer).
+_S2_SIDE_PX = {**{b: 534 for b in S2_BANDS}, **{b: 1068 for b in ("B02", "B03", "B04", "B08")},
+               **{b: 178 for b in ("B01", "B09")}}
+MAJORTOM_FILE_BYTES: dict[tuple[str, str], int] = {
+    **{("S2L2A", b): raster_bytes(side, side, 1, 2) for b, side in _S2_SIDE_PX.items()},
+    ("S1RTC", "VV"): raster_bytes(1068, 1068, 1, 4), ("S1RTC", "VH"): raster_bytes(1068, 1068, 1, 4),
+    ("DEM", "DEM"): raster_bytes(356, 356, 1, 4),
+}
+REPROCESSED_BASELINE = "99.99"  # product ids with _N9999_: CloudFerro reprocessings, Sen2Cor version unknown
+SINGLE_DATE_NOTE = ("Major-TOM Core is single-date: it holds each grid cell once, one S2 product per cell (2018-2021 "
+                    "acquisitions and reprocessed ones) and one S1 product whose date is unrelated to the S2 one. "
+                    "Build it with temporal_mode: replicate (as params/original.yaml does); T distinct dates need a "
+                    "multi-date source.")
 
 
-def select_majortom_rows(metadata: pd.DataFrame, bbox: Sequence[float] = NYC_BBOX, start: str | None = None,
-                         end: str | None = None, max_cloud: float | None = None) -> pd.DataFrame:
-    """The rows of a Major-TOM ``metadata.parquet`` to fetch, sorted by (grid_cell, date).
+def read_majortom_metadata(path: str | Path, collection: str) -> pd.DataFrame:
+    """The columns of a Major-TOM ``metadata.parquet`` that :data:`MAJORTOM_NEEDED_COLUMNS` lists; a missing one
+    (Major-TOM renamed it?) is a ValueError naming the column and the file."""
+    import pyarrow.parquet as pq
 
-    Keeps grid cells whose centre (``centre_lon``, ``centre_lat``) lies in
-    ``bbox`` (edges included); if the frame has ``timestamp``, dates from
-    ``start`` to ``end`` inclusive (either may be None = open); if it has
-    ``cloud_cover`` and ``max_cloud`` is not None, ``cloud_cover <= max_cloud``
-    (unknown cloud is dropped). Adds ``date`` (ISO, ``""`` without a
-    timestamp). Where one cell has several products on one date (tile
-    overlaps), only the least cloudy is kept, so (cell, date) is unique.
-    """
-    missing = [c for c in ("grid_cell", "centre_lat", "centre_lon") if c not in metadata.columns]
+    names = pq.read_schema(path).names
+    missing = [c for c in MAJORTOM_NEEDED_COLUMNS[collection] if c not in names]
     if missing:
-        raise ValueError(f"Major-TOM metadata lacks columns {missing}; it has {list(metadata.columns)}")
+        raise ValueError(f"{MAJORTOM_ORG}/{collection} metadata.parquet ({path}) lacks column(s) {missing}; it has "
+                         f"{names}. If Major-TOM renamed them, update MAJORTOM_NEEDED_COLUMNS in nycdata/fetch.py")
+    return pd.read_parquet(path, columns=list(MAJORTOM_NEEDED_COLUMNS[collection]))
+
+
+def _majortom_dates(timestamps: pd.Series) -> pd.Series:
+    """ISO dates of Major-TOM ``timestamp`` values (``20230415T181919``, or datetimes)."""
+    return pd.to_datetime(timestamps.astype(str), utc=True, format="mixed").dt.strftime("%Y-%m-%d")
+
+
+def _window_text(start: str | None, end: str | None) -> str:
+    return f"{_iso_date(start) if start else ''}..{_iso_date(end) if end else ''}"
+
+
+def _s2_drop_reason(date: str, cloud: float, start: str | None, end: str | None, max_cloud: float | None) -> str:
+    """Why a filter drops one S2 product ("" = it passes)."""
+    if (start and date < _iso_date(start)) or (end and date > _iso_date(end)):
+        return f"S2 product dated {date} outside {_window_text(start, end)}"
+    if max_cloud is not None and math.isnan(cloud):
+        return f"S2 product {date} cloud cover unknown"
+    if max_cloud is not None and cloud > max_cloud:
+        return f"S2 product {date} has {cloud:.1f} % cloud > {float(max_cloud):.1f}"
+    return ""
+
+
+def select_majortom_cells(s2_metadata: pd.DataFrame, bbox: Sequence[float] = NYC_BBOX, start: str | None = None,
+                          end: str | None = None, max_cloud: float | None = None,
+                          log: Log | None = None) -> pd.DataFrame:
+    """The grid cells to fetch, chosen once from Core-S2L2A's metadata: one S2 product per cell, sorted by cell.
+
+    Keeps products whose centre (``centre_lon``, ``centre_lat``) lies in ``bbox`` (edges included), dated from
+    ``start`` to ``end`` (None = open), with ``cloud_cover <= max_cloud`` (unknown cloud fails a cloud filter).
+    Where a cell has several products (tile overlaps) the least cloudy passing one is kept. Adds ``date`` (ISO)
+    and ``processing_baseline``. Every cell in the bbox that a filter drops is logged with the reason; cells
+    outside the bbox only as a count.
+    """
+    log = log or (lambda _message: None)
     x0, y0, x1, y1 = _check_bbox(bbox)
-    df = metadata
-    keep = df["centre_lon"].between(x0, x1) & df["centre_lat"].between(y0, y1)
-    df = df.loc[keep].copy()
-    if "timestamp" in df.columns:
-        stamps = pd.to_datetime(df["timestamp"].astype(str), utc=True, format="mixed")
-        df["date"] = stamps.dt.strftime("%Y-%m-%d")
-        if start is not None:
-            df = df.loc[df["date"] >= _iso_date(start)]
-        if end is not None:
-            df = df.loc[df["date"] <= _iso_date(end)]
-    else:
-        df["date"] = ""
-    order = ["grid_cell", "date"]
-    if "cloud_cover" in df.columns:
-        if max_cloud is not None:
-            df = df.loc[pd.to_numeric(df["cloud_cover"], errors="coerce") <= float(max_cloud)]
-        order.append("cloud_cover")
-    df = df.sort_values(order, kind="stable").drop_duplicates(["grid_cell", "date"], keep="first")
-    return df.sort_values(["grid_cell", "date"], kind="stable").reset_index(drop=True)
+    inside = s2_metadata["centre_lon"].between(x0, x1) & s2_metadata["centre_lat"].between(y0, y1)
+    df = s2_metadata.loc[inside].reset_index(drop=True)
+    log(f"{MAJORTOM_ORG}/{MAJORTOM_S2}: {len(df)} of {len(s2_metadata)} S2 products ({df['grid_cell'].nunique()} "
+        f"cells) have their centre in bbox {tuple(bbox)}; {len(s2_metadata) - len(df)} outside it "
+        "(not listed per cell)")
+    df["date"] = _majortom_dates(df["timestamp"])
+    df["cloud_cover"] = pd.to_numeric(df["cloud_cover"], errors="coerce").astype(float)
+    df["drop"] = [_s2_drop_reason(d, c, start, end, max_cloud) for d, c in zip(df["date"], df["cloud_cover"])]
+    df = df.sort_values(["grid_cell", "cloud_cover", "date", "product_id"], kind="stable", na_position="last")
+    chosen = []
+    for cell, group in df.groupby("grid_cell", sort=True):
+        passing = group[group["drop"] == ""]
+        if passing.empty:
+            for reason in group["drop"]:
+                log(f"cell {cell}: {reason}")
+            continue
+        chosen.append(passing.iloc[0])
+        if len(group) > 1:
+            _log_choice(cell, passing.iloc[0], group.drop(index=passing.index[0]), log)
+    out = pd.DataFrame(chosen, columns=df.columns).drop(columns="drop").reset_index(drop=True)
+    out["processing_baseline"] = [parse_processing_baseline(p) for p in out["product_id"]]
+    return out
+
+
+def _log_choice(cell: str, kept: pd.Series, others: pd.DataFrame, log: Log) -> None:
+    cloud = "cloud unknown" if math.isnan(kept["cloud_cover"]) else f"{kept['cloud_cover']:.1f} % cloud"
+    why = [f"{r.product_id} ({r.drop or 'cloudier'})" for r in others.itertuples()]
+    log(f"cell {cell}: {len(others) + 1} S2 products (tile overlaps); kept {kept['product_id']} ({kept['date']}, "
+        f"{cloud}), not {', '.join(why)}")
+
+
+def match_majortom_cells(metadata: pd.DataFrame, cells: pd.DataFrame, collection: str,
+                         log: Log | None = None) -> pd.DataFrame:
+    """One row of ``metadata`` (Core-S1RTC or Core-DEM) per chosen cell, matched by ``grid_cell``.
+
+    ``cells`` is :func:`select_majortom_cells`' frame. With several products in a cell, the one nearest the cell's
+    S2 date is kept. Adds ``date`` (ISO, ``""`` without ``timestamp``) and ``gap_days`` (this date minus the S2
+    date). A cell without a product is logged and left out here; the cell itself stays (the builder decides).
+    """
+    log = log or (lambda _message: None)
+    repo = f"{MAJORTOM_ORG}/{collection}"
+    s2_dates = cells.set_index("grid_cell")["date"]
+    df = metadata.loc[metadata["grid_cell"].isin(s2_dates.index)].copy()
+    dated = "timestamp" in df.columns  # DEM is static: no timestamp
+    df["date"] = _majortom_dates(df["timestamp"]) if dated else ""
+    df["gap_days"] = (pd.to_datetime(df["date"]) - pd.to_datetime(df["grid_cell"].map(s2_dates))).dt.days if dated else 0
+    df = df.assign(_abs=df["gap_days"].abs()).sort_values(["grid_cell", "_abs"], kind="stable").drop(columns="_abs")
+    for cell in s2_dates.index.difference(df["grid_cell"]):
+        log(f"cell {cell}: no product in {repo}")
+    for cell, group in df.groupby("grid_cell"):
+        if len(group) > 1:
+            log(f"cell {cell}: {len(group)} products in {repo} (tile overlaps); kept the one nearest the S2 date")
+    return df.drop_duplicates("grid_cell").reset_index(drop=True)
+
+
+def _log_s2_notes(cells: pd.DataFrame, log: Log) -> None:
+    for row in cells.loc[cells["processing_baseline"] == REPROCESSED_BASELINE].itertuples():
+        log(f"cell {row.grid_cell}: S2 product {row.product_id}: processing baseline 99.99 (reprocessed): whether "
+            "the +1000 offset is present is decided from the pixels when building")
+
+
+def _gap_text(days: int) -> str:
+    return "same day as" if days == 0 else f"{abs(days)} d {'after' if days > 0 else 'before'}"
+
+
+def _log_s1_gaps(cells: pd.DataFrame, s1: pd.DataFrame, log: Log) -> None:
+    s2_dates = cells.set_index("grid_cell")["date"]
+    for row in s1.itertuples():
+        log(f"cell {row.grid_cell}: S1 product {row.date} is {_gap_text(row.gap_days)} the S2 product "
+            f"{s2_dates[row.grid_cell]} (unrelated acquisitions: Core pairs S1 and S2 by cell only)")
+
+
+def _select_majortom(bbox, start, end, max_cloud, collections, fetch_metadata, log) -> dict[str, pd.DataFrame]:
+    """{collection: one row per cell}: S2 chooses the cells (even when its images are not wanted), the others follow."""
+    cells = select_majortom_cells(fetch_metadata(MAJORTOM_S2), bbox, start, end, max_cloud, log)
+    log(f"Major-TOM: {len(cells)} cells chosen, one S2 date each")
+    _log_s2_notes(cells, log)
+    selection = {MAJORTOM_S2: cells} if MAJORTOM_S2 in collections else {}
+    for collection in (c for c in collections if c != MAJORTOM_S2):
+        selection[collection] = match_majortom_cells(fetch_metadata(collection), cells, collection, log)
+        if collection == "Core-S1RTC":
+            _log_s1_gaps(cells, selection[collection], log)
+    return selection
+
+
+def _majortom_targets(modality: str, cell: str, date: str, bands: Iterable[str]) -> dict[str, str]:
+    """{band: path relative to out_dir} for one selected product."""
+    if modality == "DEM":
+        return {band: f"{cell}/DEM/DEM.tif" for band in bands}
+    return {band: f"{cell}/{modality}/{date}_{band}.tif" for band in bands}
+
+
+def _plan_note(modality: str, row) -> str:
+    if modality == "S2L2A":
+        baseline = getattr(row, "processing_baseline", "")
+        reprocessed = baseline == REPROCESSED_BASELINE
+        return "single date per cell" + ("; baseline 99.99: offset judged from pixels" if reprocessed else "")
+    if modality == "S1RTC":
+        return f"S1 {_gap_text(int(row.gap_days))} S2 (unrelated)"
+    return "static"
+
+
+def majortom_plan(selection: Mapping[str, pd.DataFrame]) -> list[PlannedFile]:
+    """One :class:`PlannedFile` per band file that :func:`fetch_majortom` would write for ``selection``."""
+    plan = []
+    for collection, rows in selection.items():
+        modality, band_columns = MAJORTOM_COLLECTIONS[collection]
+        for row in rows.itertuples():
+            cloud = row.cloud_cover if modality == "S2L2A" and not math.isnan(row.cloud_cover) else None
+            plan += [PlannedFile(source=f"{MAJORTOM_ORG}/{collection}", parent_id=row.grid_cell, modality=modality,
+                                 date=row.date if modality != "DEM" else "",
+                                 product_id=_text(getattr(row, "product_id", "")),
+                                 cloud_cover=cloud, est_bytes=MAJORTOM_FILE_BYTES[(modality, band)],
+                                 note=_plan_note(modality, row)) for band in band_columns]
+    return plan
 
 
 _HF_URL_RE = re.compile(r"^https?://huggingface\.co/datasets/([^/]+/[^/]+)/resolve/([^/]+)/([^?#]+)")
@@ -543,7 +756,8 @@ _HF_URL_RE = re.compile(r"^https?://huggingface\.co/datasets/([^/]+/[^/]+)/resol
 
 def parse_hf_url(url: str) -> tuple[str, str, str]:
     """``https://huggingface.co/datasets/Major-TOM/Core-S2L2A/resolve/main/images/part_00001.parquet``
-    -> ``("Major-TOM/Core-S2L2A", "main", "images/part_00001.parquet")``."""
+    -> ``("Major-TOM/Core-S2L2A", "main", "images/part_00001.parquet")``. Only the repo, revision and file are
+    used: the request goes to ``hf_endpoint`` (a mirror, or a test server), not to the host in the URL."""
     match = _HF_URL_RE.match(url)
     if not match:
         raise ValueError(f"not a Hugging Face dataset file URL: {url!r}")
@@ -560,13 +774,14 @@ def _default_hf_download(**kwargs) -> str:
     return hf_hub_download(**kwargs)
 
 
-def _shard_opener(mode: str, hf_download: Callable[..., str]) -> Callable[[str], Any]:
+def _shard_opener(mode: str, hf_download: Callable[..., str], endpoint: str | None,
+                  cache_dir: str | Path | None) -> Callable[[str], Any]:
     """``range``: open the shard through ``HfFileSystem`` (HTTP range reads of the footer and the wanted row
     group only). ``download``: fetch the whole shard into the Hugging Face cache with ``hf_hub_download``."""
     if mode == "range":
         from huggingface_hub import HfFileSystem
 
-        fs = HfFileSystem()
+        fs = HfFileSystem(endpoint=endpoint)
 
         def open_range(url: str):
             repo_id, revision, filename = parse_hf_url(url)
@@ -576,337 +791,202 @@ def _shard_opener(mode: str, hf_download: Callable[..., str]) -> Callable[[str],
     if mode == "download":
         def open_download(url: str):
             repo_id, revision, filename = parse_hf_url(url)
-            return hf_download(repo_id=repo_id, repo_type="dataset", filename=filename, revision=revision)
+            return hf_download(repo_id=repo_id, repo_type="dataset", filename=filename, revision=revision,
+                               endpoint=endpoint, cache_dir=cache_dir)
 
         return open_download
     raise ValueError(f"shard_access must be 'range' or 'download', got {mode!r}")
 
 
-def _majortom_targets(modality: str, cell: str, date: str, bands: Iterable[str]) -> dict[str, str]:
-    """{band: path relative to out_dir} for one selected row."""
-    if modality == "DEM":
-        return {band: f"{cell}/DEM/DEM.tif" for band in bands}
-    return {band: f"{cell}/{modality}/{date}_{band}.tif" for band in bands}
+class _Shard:
+    """One image shard, opened on first read and closed after a failed one (so that a retry starts clean)."""
+
+    def __init__(self, url: str, opener: Callable[[str], Any]):
+        self.url, self._opener, self._handle, self._file = url, opener, None, None
+
+    def read(self, index: int, columns: list[str]):
+        import pyarrow.parquet as pq
+
+        try:
+            if self._file is None:
+                self._handle = self._opener(self.url)
+                self._file = pq.ParquetFile(self._handle)
+            names = self._file.schema_arrow.names
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise ValueError(f"image shard {self.url} has no column(s) {missing}; it has {names}")
+            if not 0 <= index < self._file.num_row_groups:
+                raise ValueError(f"image shard {self.url}: metadata says row group {index}, the shard has "
+                                 f"{self._file.num_row_groups}")
+            checks = [c for c in ("grid_cell", "product_id") if c in names and c not in columns]
+            return self._file.read_row_group(index, columns=columns + checks)
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        handle, self._handle, self._file = self._handle, None, None
+        close = getattr(handle, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - closing a broken remote file must not hide the real error
+                pass
 
 
-def _read_metadata(path: str | Path) -> pd.DataFrame:
-    import pyarrow.parquet as pq
+def _check_row_group(table, url: str, index: int, cell: str, product_id: str) -> None:
+    """The row group must hold the product the metadata points at: a stale metadata.parquet would mix cells."""
+    for column, expected in (("grid_cell", cell), ("product_id", product_id)):
+        if expected and column in table.column_names and str(table[column][0].as_py()) != expected:
+            raise ValueError(f"{url} row group {index} holds {column} {table[column][0].as_py()!r}, "
+                             f"metadata says {expected!r}")
 
-    names = set(pq.read_schema(path).names)
-    return pd.read_parquet(path, columns=[c for c in MAJORTOM_METADATA_COLUMNS if c in names])
+
+def _fetch_product(row, modality: str, band_columns: Mapping[str, str], shard: _Shard, out_dir: Path,
+                   retry: Mapping[str, Any], where: str, log: Log) -> list[dict]:
+    """Write one product's band files (those not on disk yet) and return its manifest rows."""
+    cell = _safe_name(str(row.grid_cell), "grid_cell")
+    date = row.date if modality != "DEM" else ""
+    product_id = _text(getattr(row, "product_id", ""))
+    targets = _majortom_targets(modality, cell, date, band_columns)
+    todo = {b: p for b, p in targets.items() if not (out_dir / p).exists()}
+    if todo:
+        index = int(row.parquet_row)
+        table = _retry(lambda: shard.read(index, [band_columns[b] for b in todo]),
+                       f"{shard.url} row group {index}", **retry)
+        _check_row_group(table, shard.url, index, cell, product_id)
+        written = 0
+        for band, rel in todo.items():
+            value = table[band_columns[band]][0].as_py()
+            if not value:
+                raise ValueError(f"{shard.url} row group {index}: column {band_columns[band]!r} is empty")
+            _write_bytes_atomic(out_dir / rel, value)
+            written += len(value)
+        log(f"{where}: wrote {len(todo)} of {len(targets)} files, {human_bytes(written)}")
+    else:
+        log(f"{where}: all {len(targets)} files already there, skipped")
+    s2 = modality == "S2L2A"
+    return [dict(parent_id=cell, modality=modality, date=date, band=band, path=rel,
+                 cloud_cover=row.cloud_cover if s2 else None,
+                 processing_baseline=row.processing_baseline if s2 else "", product_id=product_id)
+            for band, rel in targets.items()]
 
 
-def fetch_majortom(out_dir: str | Path, bbox: Sequence[float] = NYC_BBOX, start: str = "2020-01-01",
-                   end: str = "2025-12-31", max_cloud: float = 30.0,
-                   collections: Sequence[str] = ("Core-S2L2A", "Core-S1RTC", "Core-DEM"), log: Log = print, *,
-                   shard_access: str = "range", retries: int = 5, backoff: float = 1.0,
+def _fetch_collection(collection: str, rows: pd.DataFrame, opener: Callable[[str], Any], out_dir: Path,
+                      retry: Mapping[str, Any], log: Log) -> None:
+    """Every product of ``rows``, shard by shard; the manifest is written after each shard, so a stop resumes."""
+    modality, band_columns = MAJORTOM_COLLECTIONS[collection]
+    done = 0
+    for url, group in rows.groupby("parquet_url", sort=False):
+        shard, manifest_rows = _Shard(url, opener), []
+        try:
+            for row in group.itertuples(index=False):
+                done += 1
+                when = "" if modality == "DEM" else f" {row.date}"
+                where = f"[{done}/{len(rows)}] {modality} cell {row.grid_cell}{when}"
+                manifest_rows += _fetch_product(row, modality, band_columns, shard, out_dir, retry, where, log)
+        finally:
+            shard.close()
+            if manifest_rows:
+                write_manifest(manifest_rows, out_dir)
+
+
+def _metadata_fetcher(hf_download: Callable[..., str], endpoint: str | None, cache_dir: str | Path | None,
+                      retry: Mapping[str, Any], log: Log) -> Callable[[str], pd.DataFrame]:
+    def fetch_metadata(collection: str) -> pd.DataFrame:
+        repo_id = f"{MAJORTOM_ORG}/{collection}"
+        path = _retry(lambda: hf_download(repo_id=repo_id, repo_type="dataset", filename="metadata.parquet",
+                                          endpoint=endpoint, cache_dir=cache_dir),
+                      f"Hugging Face dataset {repo_id} (metadata.parquet)", **retry)
+        log(f"{repo_id}: metadata.parquet, {human_bytes(Path(path).stat().st_size)} (Hugging Face cache: {path})")
+        return read_majortom_metadata(path, collection)
+
+    return fetch_metadata
+
+
+def _check_majortom_call(collections: Sequence[str]) -> None:
+    unknown = [c for c in collections if c not in MAJORTOM_COLLECTIONS]
+    if unknown:
+        raise ValueError(f"unknown Major-TOM collections {unknown}; choose from {list(MAJORTOM_COLLECTIONS)}")
+    if _hf_offline_requested():
+        repos = ", ".join(f"{MAJORTOM_ORG}/{c}" for c in dict.fromkeys([MAJORTOM_S2, *collections]))
+        raise OfflineError(f"HF_HUB_OFFLINE=1 is set, so {repos} cannot be fetched from Hugging Face: this machine "
+                           f"appears to be offline (or is told to be). {OFFLINE_HINT} Unset HF_HUB_OFFLINE to fetch.")
+
+
+def plan_majortom(bbox: Sequence[float] = NYC_BBOX, start: str | None = None, end: str | None = None,
+                  max_cloud: float | None = 30.0, collections: Sequence[str] = MAJORTOM_DEFAULT_COLLECTIONS,
+                  log: Log = print, *, hf_endpoint: str | None = None, hf_cache_dir: str | Path | None = None,
+                  retries: int = 5, backoff: float = 1.0, sleep: Callable[[float], Any] = time.sleep,
+                  hf_download: Callable[..., str] | None = None) -> list[PlannedFile]:
+    """What :func:`fetch_majortom` would write, from the metadata only (``metadata.parquet`` files land in the
+    Hugging Face cache; nothing else is written): one :class:`PlannedFile` per band file, sizes estimated from
+    the Core product shapes (:data:`MAJORTOM_FILE_BYTES`)."""
+    _check_majortom_call(collections)
+    retry = dict(retries=retries, backoff=backoff, sleep=sleep, log=log)
+    fetch_metadata = _metadata_fetcher(hf_download or _default_hf_download, hf_endpoint, hf_cache_dir, retry, log)
+    return majortom_plan(_select_majortom(bbox, start, end, max_cloud, collections, fetch_metadata, log))
+
+
+def fetch_majortom(out_dir: str | Path, bbox: Sequence[float] = NYC_BBOX, start: str | None = None,
+                   end: str | None = None, max_cloud: float | None = 30.0,
+                   collections: Sequence[str] = MAJORTOM_DEFAULT_COLLECTIONS, log: Log = print, *,
+                   dry_run: bool = False, shard_access: str = "range", hf_endpoint: str | None = None,
+                   hf_cache_dir: str | Path | None = None, retries: int = 5, backoff: float = 1.0,
                    sleep: Callable[[float], Any] = time.sleep, hf_download: Callable[..., str] | None = None,
-                   open_shard: Callable[[str], Any] | None = None) -> Path:
-    """Fetch Major-TOM Core S2L2A / S1RTC / DEM over ``bbox`` into ``out_dir``; return ``out_dir/sources.csv``.
+                   open_shard: Callable[[str], Any] | None = None) -> Path | list[PlannedFile]:
+    """Fetch Major-TOM Core S2L2A / S1RTC / DEM over ``bbox`` into ``out_dir``; return ``out_dir/sources.csv``
+    (with ``dry_run``: the planned files, and nothing is written).
 
     Command (on a machine with internet; nothing is fetched with ``HF_HUB_OFFLINE=1``)::
 
         python -c "from nycdata.fetch import fetch_majortom; fetch_majortom('data/raw')"
 
-    For each collection, ``hf_hub_download(repo_id="Major-TOM/<collection>",
-    repo_type="dataset", filename="metadata.parquet")`` (cached by
-    huggingface_hub), then :func:`select_majortom_rows` (S2: cloud and dates;
-    S1RTC: dates; DEM: cells only). Every selected product is one row group
-    (``parquet_row``) of an image shard (``parquet_url``); its band columns
-    hold GeoTIFF bytes, written unchanged to
-    ``<out_dir>/<grid_cell>/<S2L2A|S1RTC>/<date>_<band>.tif`` and
-    ``<out_dir>/<grid_cell>/DEM/DEM.tif``. ``shard_access="range"`` reads only
-    that row group over HTTP range requests (``HfFileSystem``);
-    ``"download"`` pulls whole shards into the HF cache (resumable, but
-    shards are large). A product whose files all exist is not read again;
-    the manifest is updated after each shard, so an interrupted fetch resumes.
+    Major-TOM Core holds each 10 km grid cell once: one S2 product and one S1 product of an unrelated date per
+    cell, so it gives one date per parent (build with ``temporal_mode: replicate``). Cells are chosen once from
+    ``Major-TOM/Core-S2L2A``'s ``metadata.parquet`` (:func:`select_majortom_cells`: bbox, ``max_cloud``,
+    optional ``start``..``end`` window; None = no window, which Core, one product per cell, rarely needs); the
+    S1RTC and DEM products are matched to those cells by ``grid_cell`` (:func:`match_majortom_cells`). Every
+    product is one row group (``parquet_row``) of an image shard (``parquet_url``) whose band columns hold
+    GeoTIFF bytes, written unchanged to ``<out_dir>/<grid_cell>/<S2L2A|S1RTC>/<date>_<band>.tif`` and
+    ``<out_dir>/<grid_cell>/DEM/DEM.tif``. ``shard_access="range"`` reads only that row group over HTTP range
+    requests (``HfFileSystem``); ``"download"`` pulls whole shards (about 4 GB each) into the HF cache. Files on
+    disk are not read again; the manifest is updated after each shard, so an interrupted fetch resumes.
 
-    ``hf_download`` / ``open_shard`` replace ``hf_hub_download`` and the shard
-    opener (tests use local files).
+    ``hf_endpoint`` is the Hub to ask (None = huggingface_hub's default, i.e. ``HF_ENDPOINT``), ``hf_cache_dir``
+    its cache (None = ``HF_HUB_CACHE``). ``hf_download`` / ``open_shard`` replace ``hf_hub_download`` and the
+    shard opener.
     """
     out_dir = Path(out_dir)
-    unknown = [c for c in collections if c not in MAJORTOM_COLLECTIONS]
-    if unknown:
-        raise ValueError(f"unknown Major-TOM collections {unknown}; choose from {list(MAJORTOM_COLLECTIONS)}")
-    repos = ", ".join(f"{MAJORTOM_ORG}/{c}" for c in collections)
-    if _hf_offline_requested():
-        raise OfflineError(f"HF_HUB_OFFLINE=1 is set, so {repos} cannot be fetched from Hugging Face: this machine "
-                           f"appears to be offline (or is told to be). {OFFLINE_HINT} Unset HF_HUB_OFFLINE to fetch.")
+    _check_majortom_call(collections)
+    log(SINGLE_DATE_NOTE)
     hf_download = hf_download or _default_hf_download
     retry = dict(retries=retries, backoff=backoff, sleep=sleep, log=log)
-    manifest = out_dir / MANIFEST_NAME
-
-    for collection in collections:
-        modality, band_columns = MAJORTOM_COLLECTIONS[collection]
-        repo_id = f"{MAJORTOM_ORG}/{collection}"
-        log(f"Major-TOM {repo_id}: metadata.parquet")
-        meta_path = _retry(lambda: hf_download(repo_id=repo_id, repo_type="dataset", filename="metadata.parquet"),
-                           f"Hugging Face dataset {repo_id} (metadata.parquet)", **retry)
-        metadata = _read_metadata(meta_path)
-        if modality == "DEM":
-            selected = select_majortom_rows(metadata.drop(columns=["timestamp"], errors="ignore"), bbox)
-        elif modality == "S1RTC":
-            selected = select_majortom_rows(metadata, bbox, start, end)
-        else:
-            selected = select_majortom_rows(metadata, bbox, start, end, max_cloud)
-        total = len(selected)
-        log(f"Major-TOM {repo_id}: {total} products in {selected['grid_cell'].nunique()} cells")
-        if total == 0:
-            continue
-        opener = open_shard or _shard_opener(shard_access, hf_download)
-        done = 0
-        for url, group in selected.groupby("parquet_url", sort=False):
-            rows: list[dict] = []
-            shard: dict[str, Any] = {}
-
-            def read_row_group(index: int, columns: list[str], _url=url, _shard=shard):
-                import pyarrow.parquet as pq
-
-                try:
-                    if "pf" not in _shard:
-                        _shard["handle"] = opener(_url)
-                        _shard["pf"] = pq.ParquetFile(_shard["handle"])
-                    names = set(_shard["pf"].schema_arrow.names)
-                    wanted = columns + [c for c in ("grid_cell",) if c in names and c not in columns]
-                    return _shard["pf"].read_row_group(index, columns=wanted)
-                except Exception:
-                    _close_shard(_shard)  # reopen on the next attempt
-                    raise
-
-            try:
-                for record in group.itertuples(index=False):
-                    done += 1
-                    cell = _safe_name(str(record.grid_cell), "grid_cell")
-                    targets = _majortom_targets(modality, cell, record.date, band_columns)
-                    todo = {b: p for b, p in targets.items() if not (out_dir / p).exists()}
-                    where = f"[{done}/{total}] {modality} cell {cell}" + (f" {record.date}" if record.date else "")
-                    if todo:
-                        columns = [band_columns[b] for b in todo]
-                        index = int(record.parquet_row)
-                        table = _retry(lambda: read_row_group(index, columns), f"{url} row group {index}", **retry)
-                        if "grid_cell" in table.column_names and str(table["grid_cell"][0].as_py()) != cell:
-                            raise ValueError(f"{url} row group {index} holds grid cell "
-                                             f"{table['grid_cell'][0].as_py()!r}, metadata says {cell!r}")
-                        for band, rel in todo.items():
-                            value = table[band_columns[band]][0].as_py()
-                            if not value:
-                                raise ValueError(f"{url} row group {index}: column {band_columns[band]!r} is empty")
-                            _write_bytes_atomic(out_dir / rel, value)
-                        log(f"{where}: wrote {len(todo)} of {len(targets)} files")
-                    else:
-                        log(f"{where}: all {len(targets)} files already there, skipped")
-                    product_id = _text(getattr(record, "product_id", ""))
-                    cloud = getattr(record, "cloud_cover", None) if modality == "S2L2A" else None
-                    baseline = parse_processing_baseline(product_id) if modality == "S2L2A" else ""
-                    rows += [dict(parent_id=cell, modality=modality, date=record.date if modality != "DEM" else "",
-                                  band=band, path=rel, cloud_cover=cloud, processing_baseline=baseline,
-                                  product_id=product_id) for band, rel in targets.items()]
-            finally:
-                _close_shard(shard)
-                if rows:
-                    write_manifest(rows, out_dir)
-    if not manifest.exists():
-        write_manifest([], out_dir)
-    log(f"Major-TOM: manifest {manifest}")
-    return manifest
-
-
-def _close_shard(shard: dict) -> None:
-    shard.pop("pf", None)
-    handle = shard.pop("handle", None)
-    close = getattr(handle, "close", None)
-    if callable(close):
-        try:
-            close()
-        except Exception:  # noqa: BLE001 - closing a broken remote file must not hide the real error
-            pass
-
-
-# --------------------------------------------------------------------------- STAC (earth-search)
-
-EARTH_SEARCH = "https://earth-search.aws.element84.com/v1"
-EARTH_SEARCH_S2_ASSETS: dict[str, str] = {
-    "coastal": "B01", "blue": "B02", "green": "B03", "red": "B04", "rededge1": "B05", "rededge2": "B06",
-    "rededge3": "B07", "nir": "B08", "nir08": "B8A", "nir09": "B09", "swir16": "B11", "swir22": "B12",
-}
-_GDAL_REMOTE_ENV = dict(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", AWS_NO_SIGN_REQUEST="YES",
-                        CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".tif,.TIF,.tiff", GDAL_HTTP_MAX_RETRY="3",
-                        GDAL_HTTP_RETRY_DELAY="1", VSI_CACHE="TRUE")
-
-
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def stac_item_record(item: Any) -> dict[str, Any]:
-    """What the fetcher needs of one Sentinel-2 STAC item (a ``pystac.Item`` or its dict).
-
-    ``parent_id`` from ``s2:mgrs_tile``, else ``grid:code`` (``MGRS-18TWL`` ->
-    ``18TWL``), else ``mgrs:utm_zone`` + ``mgrs:latitude_band`` +
-    ``mgrs:grid_square``; ``date`` from ``datetime``; ``cloud_cover`` from
-    ``eo:cloud_cover``; ``processing_baseline`` from ``s2:processing_baseline``
-    (else the product name); ``hrefs`` {band: href} over the earth-search asset
-    keys (``coastal`` -> B01 ... ``swir22`` -> B12; keys already named B01... too).
-    """
-    props = _get(item, "properties", {}) or {}
-    item_id = _text(_get(item, "id", ""))
-    parent = _text(props.get("s2:mgrs_tile"))
-    if not parent and props.get("grid:code"):
-        parent = re.sub(r"^MGRS-", "", str(props["grid:code"]))
-    if not parent and props.get("mgrs:utm_zone") is not None:
-        parent = f"{int(props['mgrs:utm_zone']):02d}{props.get('mgrs:latitude_band', '')}{props.get('mgrs:grid_square', '')}"
-    if not parent:
-        raise ValueError(f"STAC item {item_id!r} has no MGRS tile (s2:mgrs_tile / grid:code / mgrs:*)")
-    stamp = props.get("datetime") or _get(item, "datetime")
-    if not stamp:
-        raise ValueError(f"STAC item {item_id!r} has no datetime")
-    product = _text(props.get("s2:product_uri")).removesuffix(".SAFE") or item_id
-    baseline = normalise_baseline(props.get("s2:processing_baseline")) or parse_processing_baseline(product)
-    cloud = props.get("eo:cloud_cover")
-    hrefs: dict[str, str] = {}
-    for key, asset in (_get(item, "assets", {}) or {}).items():
-        band = EARTH_SEARCH_S2_ASSETS.get(key) or (key if key in S2_BANDS else None)
-        href = _get(asset, "href")
-        if band and href:
-            hrefs[band] = href
-    return dict(parent_id=_safe_name(parent, "MGRS tile"), date=_iso_date(stamp),
-                cloud_cover=None if cloud is None else float(cloud), processing_baseline=baseline,
-                product_id=product, hrefs=hrefs)
-
-
-def select_stac_records(records: Iterable[Mapping[str, Any]], max_cloud: float | None = None) -> list[dict]:
-    """Records with ``cloud_cover <= max_cloud`` (unknown cloud kept), one per (tile, date) -- the least
-    cloudy, then the one with most bands -- sorted by (tile, date)."""
-    best: dict[tuple[str, str], dict] = {}
-    for rec in records:
-        cloud = rec.get("cloud_cover")
-        if max_cloud is not None and cloud is not None and cloud > max_cloud:
-            continue
-        key = (rec["parent_id"], rec["date"])
-        rank = (math.inf if cloud is None else cloud, -len(rec.get("hrefs", {})))
-        if key not in best or rank < best[key][0]:
-            best[key] = (rank, dict(rec))
-    return [best[key][1] for key in sorted(best)]
-
-
-def clip_to_bbox(src: str | Path, bbox: Sequence[float], dest: str | Path, description: str | None = None) -> Path | None:
-    """Read the window of ``src`` (a COG URL or a local file) covering lon/lat ``bbox`` and write it to ``dest``.
-
-    The window is in the raster's own grid and CRS (no resampling), widened
-    to whole pixels and cut to the raster's extent; ``None`` (nothing
-    written) when the bbox misses the raster. Written via a temporary file.
-    """
-    import rasterio
-    from rasterio.warp import transform_bounds
-    from rasterio.windows import Window, from_bounds
-
-    x0, y0, x1, y1 = _check_bbox(bbox)
-    dest = Path(dest)
-    with rasterio.Env(**_GDAL_REMOTE_ENV), rasterio.open(str(src)) as ds:
-        left, bottom, right, top = transform_bounds("EPSG:4326", ds.crs, x0, y0, x1, y1, densify_pts=21)
-        win = from_bounds(left, bottom, right, top, transform=ds.transform)
-        col0 = max(0, math.floor(win.col_off + 1e-9))
-        row0 = max(0, math.floor(win.row_off + 1e-9))
-        col1 = min(ds.width, math.ceil(win.col_off + win.width - 1e-9))
-        row1 = min(ds.height, math.ceil(win.row_off + win.height - 1e-9))
-        if col1 <= col0 or row1 <= row0:
-            return None
-        window = Window(col0, row0, col1 - col0, row1 - row0)
-        data = ds.read(window=window)
-        profile = dict(driver="GTiff", dtype=data.dtype.name, count=ds.count, width=window.width,
-                       height=window.height, crs=ds.crs, transform=ds.window_transform(window),
-                       nodata=ds.nodata, compress="deflate")
-        if window.width >= 256 and window.height >= 256:
-            profile.update(tiled=True, blockxsize=256, blockysize=256)
-        descriptions = ds.descriptions
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with rasterio.open(tmp, "w", **profile) as out:
-        out.write(data)
-        for i in range(profile["count"]):
-            text = description if (description and profile["count"] == 1) else descriptions[i]
-            if text:
-                out.set_band_description(i + 1, text)
-    os.replace(tmp, dest)
-    return dest
-
-
-def _open_stac_client(catalog: str):
-    try:
-        from pystac_client import Client
-    except ImportError as exc:
-        raise ImportError("fetch_stac needs pystac-client, which is not installed: `pip install pystac-client` "
-                          "(or use fetch_majortom, which needs only huggingface_hub)") from exc
-    return Client.open(catalog)
-
-
-def fetch_stac(out_dir: str | Path, bbox: Sequence[float] = NYC_BBOX, start: str = "2020-01-01",
-               end: str = "2025-12-31", max_cloud: float = 30.0, catalog: str = EARTH_SEARCH,
-               collections: Sequence[str] = ("sentinel-2-l2a",), max_items: int = 50, log: Log = print, *,
-               client: Any = None, retries: int = 5, backoff: float = 1.0,
-               sleep: Callable[[float], Any] = time.sleep) -> Path:
-    """Fetch Sentinel-2 L2A bands from a STAC API, clipped to ``bbox``; return ``out_dir/sources.csv``.
-
-    Command (needs internet and ``pip install pystac-client``)::
-
-        python -c "from nycdata.fetch import fetch_stac; fetch_stac('data/raw_stac', start='2021-04-01', end='2021-10-31')"
-
-    Searches ``catalog`` (earth-search v1) for items of ``collections``
-    intersecting ``bbox`` from ``start`` to ``end`` with ``eo:cloud_cover <=
-    max_cloud`` (at most ``max_items`` items), keeps one item per (MGRS tile,
-    date) -- several dates per tile -- and for each of the 12 bands reads the
-    bbox window of the COG (``rasterio``, HTTP range reads, native 10/20/60 m
-    grid, no resampling) into
-    ``<out_dir>/<tile>/S2L2A/<date>_<band>.tif``. parent_id = MGRS tile,
-    processing_baseline = ``s2:processing_baseline``, cloud_cover =
-    ``eo:cloud_cover``. Files on disk are skipped; the manifest is updated
-    after every item. ``client`` replaces ``pystac_client.Client.open(catalog)``.
-    """
-    out_dir = Path(out_dir)
-    bbox = _check_bbox(bbox)
-    retry = dict(retries=retries, backoff=backoff, sleep=sleep, log=log)
-    if client is None:
-        client = _retry(lambda: _open_stac_client(catalog), f"STAC API {catalog}", **retry)
-
-    def search() -> list:
-        found = client.search(collections=list(collections), bbox=list(bbox), datetime=f"{start}/{end}",
-                              query={"eo:cloud_cover": {"lte": max_cloud}}, max_items=max_items)
-        return list(found.items())
-
-    items = _retry(search, f"STAC API {catalog} search", **retry)
-    records = select_stac_records((stac_item_record(item) for item in items), max_cloud)
-    tiles = sorted({r["parent_id"] for r in records})
-    log(f"STAC {catalog}: {len(items)} items -> {len(records)} (tile, date) scenes over tiles {tiles}")
-    for n, rec in enumerate(records, 1):
-        rows = []
-        where = f"[{n}/{len(records)}] S2L2A tile {rec['parent_id']} {rec['date']}"
-        missing_bands = [b for b in S2_BANDS if b not in rec["hrefs"]]
-        if missing_bands:
-            log(f"{where}: item {rec['product_id']} lacks bands {missing_bands}; fetching the others")
-        written = 0
-        for band in S2_BANDS:
-            href = rec["hrefs"].get(band)
-            if href is None:
-                continue
-            rel = f"{rec['parent_id']}/S2L2A/{rec['date']}_{band}.tif"
-            if not (out_dir / rel).exists():
-                result = _retry(lambda: clip_to_bbox(href, bbox, out_dir / rel, description=band), href, **retry)
-                if result is None:
-                    log(f"{where}: {band} does not overlap the bbox; skipped")
-                    continue
-                written += 1
-            rows.append(dict(parent_id=rec["parent_id"], modality="S2L2A", date=rec["date"], band=band, path=rel,
-                             cloud_cover=rec["cloud_cover"], processing_baseline=rec["processing_baseline"],
-                             product_id=rec["product_id"]))
-        log(f"{where}: wrote {written}, {len(rows) - written} already there")
-        if rows:
-            write_manifest(rows, out_dir)
+    fetch_metadata = _metadata_fetcher(hf_download, hf_endpoint, hf_cache_dir, retry, log)
+    selection = _select_majortom(bbox, start, end, max_cloud, collections, fetch_metadata, log)
+    if dry_run:
+        plan = majortom_plan(selection)
+        log(plan_table(plan))
+        _log_majortom_end(selection, log)
+        return plan
+    opener = open_shard or _shard_opener(shard_access, hf_download, hf_endpoint, hf_cache_dir)
+    for collection, rows in selection.items():
+        log(f"{MAJORTOM_ORG}/{collection}: {len(rows)} products to fetch")
+        _fetch_collection(collection, rows, opener, out_dir, retry, log)
     manifest = out_dir / MANIFEST_NAME
     if not manifest.exists():
         write_manifest([], out_dir)
+    _log_majortom_end(selection, log)
+    log(fetched_table(read_manifest(out_dir), out_dir))
     return manifest
+
+
+def _log_majortom_end(selection: Mapping[str, pd.DataFrame], log: Log) -> None:
+    s1 = selection.get("Core-S1RTC")
+    gaps = "" if s1 is None or s1.empty else (
+        f"; S1-to-S2 gaps {int(s1['gap_days'].abs().min())}..{int(s1['gap_days'].abs().max())} d "
+        f"(median {int(s1['gap_days'].abs().median())} d)")
+    log(f"Major-TOM Core: one S2 date per cell, so build with temporal_mode: replicate{gaps}")
 
 
 # --------------------------------------------------------------------------- ESA WorldCover
@@ -958,17 +1038,37 @@ def _mosaic_worldcover(tiles: Sequence[Path], bbox: Sequence[float], dest: Path)
     return dest
 
 
+def _worldcover_product(tile: str) -> str:
+    return f"ESA_WorldCover_10m_2021_v200_{tile}"
+
+
+def plan_worldcover(bbox: Sequence[float] = NYC_BBOX, log: Log | None = print, *, url_template: str = WORLDCOVER_URL,
+                    session: Session | None = None) -> list[PlannedFile]:
+    """What :func:`fetch_worldcover` would download: one :class:`PlannedFile` per tile, its size from a HEAD
+    request's ``Content-Length`` (None when the server does not say or cannot be reached)."""
+    tiles = worldcover_tiles(bbox)
+    session = session if session is not None else default_session()
+    note = "label 2021 v200" + ("" if len(tiles) == 1 else f"; one of {len(tiles)} tiles, mosaicked over the bbox")
+    return [PlannedFile(source="esa-worldcover", parent_id=ALL_PARENTS, modality="WORLDCOVER", date="",
+                        product_id=_worldcover_product(tile), cloud_cover=None,
+                        est_bytes=remote_size(url_template.format(tile=tile), session, log=log), note=note)
+            for tile in tiles]
+
+
 def fetch_worldcover(out_dir: str | Path, bbox: Sequence[float] = NYC_BBOX, log: Log = print, *,
-                     session: Session | None = None, retries: int = 5, backoff: float = 1.0,
-                     sleep: Callable[[float], Any] = time.sleep) -> Path:
-    """Download the ESA WorldCover 2021 v200 tiles covering ``bbox``; return ``out_dir/sources.csv``.
+                     dry_run: bool = False, url_template: str = WORLDCOVER_URL, session: Session | None = None,
+                     retries: int = 5, backoff: float = 1.0,
+                     sleep: Callable[[float], Any] = time.sleep) -> Path | list[PlannedFile]:
+    """Download the ESA WorldCover 2021 v200 tiles covering ``bbox``; return ``out_dir/sources.csv`` (with
+    ``dry_run``: the planned tiles, logged as a table, and nothing is written).
 
     Command (needs internet)::
 
         python -c "from nycdata.fetch import fetch_worldcover; fetch_worldcover('data/raw')"
 
     Tiles (:func:`worldcover_tiles`; NYC: ``N39W075``) come from the public
-    bucket, ``WORLDCOVER_URL``, via :func:`download` (resumable, retried)
+    bucket, ``url_template`` (default :data:`WORLDCOVER_URL`; ``{tile}`` is
+    filled in), via :func:`download` (resumable, retried, byte progress)
     into ``<out_dir>/WORLDCOVER/``. The manifest gets one WORLDCOVER row with
     parent_id ``*``: the label applies to every parent, and the builder clips
     it to each parent's footprint. A bbox spanning several tiles is first
@@ -977,16 +1077,20 @@ def fetch_worldcover(out_dir: str | Path, bbox: Sequence[float] = NYC_BBOX, log:
     """
     out_dir = Path(out_dir)
     bbox = _check_bbox(bbox)
-    tiles = worldcover_tiles(bbox)
     session = session if session is not None else default_session()
+    if dry_run:
+        plan = plan_worldcover(bbox, log, url_template=url_template, session=session)
+        log(plan_table(plan))
+        return plan
+    tiles = worldcover_tiles(bbox)
     paths = []
     for n, tile in enumerate(tiles, 1):
-        name = f"ESA_WorldCover_10m_2021_v200_{tile}_Map.tif"
-        log(f"WorldCover [{n}/{len(tiles)}] tile {tile}")
-        paths.append(download(WORLDCOVER_URL.format(tile=tile), out_dir / "WORLDCOVER" / name, session=session,
+        url = url_template.format(tile=tile)
+        log(f"WorldCover [{n}/{len(tiles)}] tile {tile}: {url}")
+        paths.append(download(url, out_dir / "WORLDCOVER" / f"{_worldcover_product(tile)}_Map.tif", session=session,
                               retries=retries, backoff=backoff, sleep=sleep, log=log))
     if len(paths) == 1:
-        rel, product = f"WORLDCOVER/{paths[0].name}", f"ESA_WorldCover_10m_2021_v200_{tiles[0]}"
+        rel, product = f"WORLDCOVER/{paths[0].name}", _worldcover_product(tiles[0])
     else:
         tag = "_".join(f"{v:.3f}" for v in bbox).replace("-", "m")
         rel = f"WORLDCOVER/ESA_WorldCover_10m_2021_v200_mosaic_{tag}.tif"
@@ -994,5 +1098,7 @@ def fetch_worldcover(out_dir: str | Path, bbox: Sequence[float] = NYC_BBOX, log:
             log(f"WorldCover: mosaicking {len(paths)} tiles over the bbox into {rel}")
             _mosaic_worldcover(paths, bbox, out_dir / rel)
         product = "ESA_WorldCover_10m_2021_v200_" + "+".join(tiles)
-    return write_manifest([dict(parent_id=ALL_PARENTS, modality="WORLDCOVER", date="", band="", path=rel,
-                                cloud_cover=None, processing_baseline="", product_id=product)], out_dir)
+    manifest = write_manifest([dict(parent_id=ALL_PARENTS, modality="WORLDCOVER", date="", band="", path=rel,
+                                    cloud_cover=None, processing_baseline="", product_id=product)], out_dir)
+    log(fetched_table(read_manifest(out_dir), out_dir))
+    return manifest

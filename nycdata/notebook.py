@@ -24,6 +24,9 @@ def notebook_params(namespace: dict, before: set[str]) -> dict:
     if params["allow_random_generator"] and not params["pretrained"]:
         warn("pretrained=false with allow_random_generator=true: every TiM thought in this run comes from a RANDOM "
              "generator and is noise; results test the pipeline, not TiM.")
+    if params["tim_random_generator"]:
+        warn("tim_random_generator=true: TiM thinks with a RANDOM generator on purpose, as the original experiment did; "
+             "this run reproduces that defect and says nothing about TiM.")
     return params
 
 

@@ -9,6 +9,7 @@ root, so results do not depend on the working directory.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 from pathlib import Path
 from typing import Any, Mapping
@@ -77,6 +78,8 @@ def _merge(params: dict, new: Mapping[str, Any], source: str) -> None:
     check_known(new, source)
     for key, value in new.items():
         expected = params[key]
+        if isinstance(expected, str) and isinstance(value, dt.date):
+            value = value.isoformat()  # YAML reads an unquoted 2021-04-01 as a date
         if expected is not None and value is not None and not _same_kind(expected, value):
             raise ParamError(f"parameter {key!r} in {source}: expected {type(expected).__name__} like {expected!r}, got {value!r}")
         params[key] = value

@@ -211,3 +211,21 @@ def before_after(before: np.ndarray, after: np.ndarray, titles: tuple[str, str],
     fig.suptitle(suptitle)
     fig.tight_layout()
     return fig
+
+
+def s2_medians(table: pd.DataFrame):
+    """Per-band medians of the built chips by period against TerraMind's pretraining means (a +/-1000 band shaded):
+    a scene convention 1000 DN away from what TerraMind saw stands out."""
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    x = np.arange(len(table))
+    mean = table["pretraining mean"].to_numpy(float)
+    ax.fill_between(x, mean - 1000, mean + 1000, color="0.9", label="pretraining mean +/- 1000 DN")
+    ax.plot(x, mean, "k-", label="pretraining mean")
+    for column, marker in zip([c for c in table.columns if c.startswith("median") and not c.endswith("mean")], "os"):
+        ax.plot(x, table[column].to_numpy(float), marker, label=column)
+    ax.set_xticks(x, table.index)
+    ax.set_ylabel("DN")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("Sentinel-2 chips against TerraMind's pretraining statistics")
+    fig.tight_layout()
+    return fig

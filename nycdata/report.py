@@ -131,6 +131,9 @@ def write_summary(root: Path, params: dict, html_files: list[Path]) -> Path:
              f"{params['max_epochs']} epochs at most.", ""]
     if not params["pretrained"]:
         parts += ["**Random weights (pretrained=false): these numbers test the pipeline, not TerraMind or TiM.**", ""]
+    if params["tim_random_generator"]:
+        parts += ["**TiM thought with a random generator on purpose (`tim_random_generator`, the original experiment's "
+                  "defect): its thoughts were noise. See the README's table of the original's defects.**", ""]
     results = results_table(per_chip)
     results.to_csv(root / RESULTS_FILE, index=False)
     figures = write_figures(root, per_chip, comparison) if comparison else []

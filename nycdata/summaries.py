@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import pandas as pd
+import rasterio
 import torch
 
 from nycdata import chips
 from nycdata.classes import CLASS_NAMES
+from nycdata.data import TERRAMIND_V1_STATS
+from nycdata.sources import OFFSET_DATE
 
 
 def split_sizes(index) -> pd.DataFrame:
@@ -113,3 +118,28 @@ def time_train_step(task, batch: Mapping, repeats: int = 1) -> dict:
         backward.append(time.perf_counter() - middle)
     return {"forward_s": sorted(forward)[len(forward) // 2], "backward_s": sorted(backward)[len(backward) // 2],
             "loss": float(loss), "logits_shape": list(logits.shape)}
+
+
+def s2_medians_by_period(data_dir, index, max_chips: int = 200, stride: int = 4, seed: int = 0) -> pd.DataFrame:
+    """Per S2 band: TerraMind's pretraining mean next to the median DN of the built chips, split by scene date
+    before / from 2022-01-25 (processing baseline 04.00 added +1000 then), and the difference.
+
+    A 1000-DN gap between the two periods, or between a period and the pretraining mean, shows a convention
+    mismatch at a glance. At most ``max_chips`` chips (a seeded sample) and every ``stride``-th pixel are read;
+    nodata (0) is left out.
+    """
+    sample = index if len(index) <= max_chips else index.sample(max_chips, random_state=seed)
+    values: dict[str, list] = {"before": [], "from": []}
+    for record in sample.to_dict("records"):
+        with rasterio.open(Path(data_dir) / record[chips.path_column("S2L2A")]) as src:
+            s2 = src.read()[:, ::stride, ::stride]
+        for t, date in enumerate(chips.split_dates(record["dates"])):
+            period = "before" if pd.Timestamp(date).date() < OFFSET_DATE else "from"
+            values[period].append(s2[t * len(chips.S2L2A_BANDS):(t + 1) * len(chips.S2L2A_BANDS)].reshape(len(chips.S2L2A_BANDS), -1))
+    table = pd.DataFrame({"pretraining mean": TERRAMIND_V1_STATS["S2L2A"][0]}, index=list(chips.S2L2A_BANDS))
+    for period, label in (("before", f"median before {OFFSET_DATE}"), ("from", f"median from {OFFSET_DATE}")):
+        stacked = np.concatenate(values[period], axis=1).astype(float) if values[period] else np.zeros((12, 0))
+        table[label] = [np.median(band[band > 0]) if (band > 0).any() else np.nan for band in stacked]
+        table[f"{label} - mean"] = table[label] - table["pretraining mean"]
+        table.attrs[f"scenes {period}"] = len(values[period])
+    return table.round(0)

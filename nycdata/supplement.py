@@ -95,7 +95,7 @@ Inputs Sentinel-2 L2A (12 bands), Sentinel-1 RTC (VV, VH in dB), DEM; labels ESA
 
 ## Limitations
 - Few test parents: chips of one scene are correlated, so CIs resample parents; they are wide.
-- TerraMind's LULC class order is inferred (ESRI legend), so thought-vs-truth agreement uses an inferred crosswalk.
+- TerraMind's LULC class order is the one documented on its LULC tokenizer's model card (ESRI legend); thought-vs-truth agreement maps it to our 5 classes with our own crosswalk (flooded vegetation -> water, crops and rangeland -> herbaceous), which is a judgement.
 - pretrained=false runs (the fixture) test the pipeline only; their numbers say nothing about TerraMind.
 
 ## Reproduce

@@ -111,9 +111,11 @@ def generator_identity(params: Mapping) -> dict:
     from nycdata import weights
     from nycdata.tim import RANDOM_GENERATOR_SEED
 
-    source = weights.generator_source(params)
+    source = None if params["tim_random_generator"] else weights.generator_source(params)
     if source is None:
-        return {"random_generator_seed": RANDOM_GENERATOR_SEED, "terratorch": _version("terratorch")}
+        identity = {"random_generator_seed": RANDOM_GENERATOR_SEED, "terratorch": _version("terratorch")}
+        # the original's defect: random generator, pretrained input embeddings
+        return identity | ({"pretrained_embeddings": True} if params["tim_random_generator"] and params["pretrained"] else {})
     return {"file": Path(source).name, "sha256": file_sha256(Path(source))}
 
 

@@ -23,9 +23,10 @@ from nycdata.classes import IGNORE_INDEX
 
 PATCH_SIZE = 16
 
-# TerraMind's LULC modality follows the ESRI / Impact Observatory 10 m annual
-# land cover. The channel order is inferred from that product, not documented
-# by TerraMind: confirm on real weights before trusting plot labels.
+# TerraMind's LULC modality follows the ESRI / Impact Observatory 10 m annual land cover. The channel order is
+# documented on the model card of ibm-esa-geospatial/TerraMind-1.0-Tokenizer-LULC ("No data, water, trees, flooded
+# vegetation, crops, built area, bare ground, snow/ice, clouds, rangeland"); IBM/terramind's
+# notebooks/plotting_utils.py colour map has the same order.
 ESRI_LULC_CLASSES: tuple[str, ...] = (
     "no data", "water", "trees", "flooded vegetation", "crops",
     "built area", "bare ground", "snow/ice", "clouds", "rangeland",
@@ -212,7 +213,7 @@ RANDOM_GENERATOR_SEED = 0
 _random_generators: dict[str, dict[str, torch.Tensor]] = {}
 
 
-def share_random_generator(model: torch.nn.Module, model_args: dict) -> bool:
+def share_random_generator(model: torch.nn.Module, model_args: dict, force: bool = False) -> bool:
     """Give a TiM model built without weights the one random generator every such build gets; False otherwise.
 
     With TerraMind's weights every TiM run and the thought cache think with the same generator. Without
@@ -221,10 +222,14 @@ def share_random_generator(model: torch.nn.Module, model_args: dict) -> bool:
     generators. The generator (with the input embeddings terratorch shares with it) is therefore taken from
     a reference build under :data:`RANDOM_GENERATOR_SEED`, made once per process under ``fork_rng``, so the
     global RNG, and with it the rest of the model's initialisation, is left as it was.
+
+    ``force`` (``tim_random_generator``, the original's defect) does it to a pretrained build too, except for the
+    input embeddings (``encoder_embeddings.*``): a raw checkpoint fills those, since they are the encoder's own.
     """
     backbone = tim_backbone(model)
-    if backbone is None or model_args.get("backbone_pretrained") or model_args.get("backbone_ckpt_path"):
+    if backbone is None or (not force and (model_args.get("backbone_pretrained") or model_args.get("backbone_ckpt_path"))):
         return False
+    model_args = {k: v for k, v in model_args.items() if k != "backbone_ckpt_path"} | {"backbone_pretrained": False}
     key = repr(sorted(model_args.items()))
     if key not in _random_generators:
         from terratorch.models import EncoderDecoderFactory
@@ -233,7 +238,10 @@ def share_random_generator(model: torch.nn.Module, model_args: dict) -> bool:
             torch.manual_seed(RANDOM_GENERATOR_SEED)
             reference = EncoderDecoderFactory().build_model(task="segmentation", **model_args)
         _random_generators[key] = tim_backbone(reference).sampler.model.state_dict()
-    backbone.sampler.model.load_state_dict(_random_generators[key])
+    state = _random_generators[key]
+    if force:
+        state = {k: v for k, v in state.items() if not k.startswith("encoder_embeddings.")}
+    backbone.sampler.model.load_state_dict(state, strict=not force)
     return True
 
 
@@ -287,6 +295,16 @@ def random_generator_warning(variant_name: str) -> str:
 
 def check_generator(params, variant) -> str | None:
     """Refuse a TiM model whose generator would stay random, unless explicitly allowed; return a warning then."""
+    if variant.uses_generator and params["tim_random_generator"]:
+        if not params["allow_random_generator"]:
+            raise ValueError(
+                f"tim_random_generator=true reproduces the original's defect: variant {variant.name!r} would think with "
+                "a RANDOM generator although the encoder is pretrained. Set allow_random_generator=true to run that "
+                "setting on purpose (params/original.yaml does), or tim_random_generator=false for a real TiM.")
+        message = (f"WARNING: variant {variant.name!r} thinks with a RANDOM generator on purpose (tim_random_generator, "
+                   "the original experiment's defect): its thoughts are noise.")
+        warnings.warn(message, stacklevel=2)
+        return message
     if not variant.uses_generator or params["pretrained"] or params["backbone_ckpt_path"]:
         return None  # weights come from a file: build_task verifies them
     if not params["allow_random_generator"]:

@@ -52,7 +52,8 @@ class NYCSegmentationTask(SemanticSegmentationTask):
     """
 
     def __init__(self, *args, cached_thoughts: bool = False, thought_seed: int = 0,
-                 share_generator_embeddings: bool = False, frozen_input_embeddings: bool = False, **kwargs):
+                 share_generator_embeddings: bool = False, frozen_input_embeddings: bool = False,
+                 random_generator: bool = False, **kwargs):
         # Lightning re-feeds every saved hyperparameter when loading a checkpoint, and terratorch records ``task``,
         # which its __init__ does not take. (The plain ``super().__init__(*args, **kwargs)`` lets the terratorch
         # CLI read the parent's signature.)
@@ -63,8 +64,8 @@ class NYCSegmentationTask(SemanticSegmentationTask):
         remember_tokenizer(self.model, deferred)
         self.hparams.update(cached_thoughts=cached_thoughts, thought_seed=thought_seed,
                             share_generator_embeddings=share_generator_embeddings,
-                            frozen_input_embeddings=frozen_input_embeddings)
-        share_random_generator(self.model, self.hparams["model_args"])
+                            frozen_input_embeddings=frozen_input_embeddings, random_generator=random_generator)
+        share_random_generator(self.model, self.hparams["model_args"], force=random_generator)
         if cached_thoughts:
             from nycdata.thought_cache import use_cached_thoughts
 
@@ -95,6 +96,7 @@ def task_kwargs(params: Mapping, variant: Variant) -> dict:
         freeze_backbone=False, plot_on_val=False, cached_thoughts=variant.cached, thought_seed=int(params["thought_seed"]),
         share_generator_embeddings=bool(params["tim_share_embeddings"]),
         frozen_input_embeddings=variant.frozen_embeddings or (variant.is_tim and bool(params["tim_share_embeddings"])),
+        random_generator=variant.is_tim and bool(params["tim_random_generator"]),
     )
 
 
@@ -111,7 +113,8 @@ def build_task(params: Mapping, variant: Variant) -> NYCSegmentationTask:
     random_warning = check_generator(params, variant)
     try:
         task = NYCSegmentationTask(**task_kwargs(params, variant))
-        source = weights.generator_source(params) if variant.is_tim and not variant.cached else None
+        thinks_with_checkpoint = variant.is_tim and not variant.cached and not params["tim_random_generator"]
+        source = weights.generator_source(params) if thinks_with_checkpoint else None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as err:
         raise weights.offline_error(params, variant, err) from err
     task.generator_report = None

@@ -155,9 +155,24 @@ def _check_index(index, spec: chips.DatasetSpec) -> list[Problem]:
                  for cid, split in zip(index["chip_id"], index["split"]) if split not in chips.SPLITS]
     problems += [Problem(None, where, f"split {split!r} has no chips") for split in chips.SPLITS
                  if not (index["split"] == split).any()]
+    problems += _repeated_dates(index, spec)
     splits_per_parent = index.groupby("parent_id")["split"].nunique()
     problems += [Problem(None, where, f"parent {parent} has chips in several splits (leaks between train and test)")
                  for parent in splits_per_parent[splits_per_parent > 1].index]
+    return problems
+
+
+def _repeated_dates(index, spec: chips.DatasetSpec) -> list[Problem]:
+    """A dataset built with ``temporal_mode: distinct`` must hold T different S2 dates, and T different S1 dates."""
+    if spec.source.get("temporal_mode") != "distinct":
+        return []
+    problems = []
+    for column in [c for c in ("dates", "s1_dates") if c in index.columns]:
+        for cid, dates in zip(index["chip_id"], index[column]):
+            listed = chips.split_dates(dates)
+            if len(set(listed)) < len(listed):
+                problems.append(Problem(str(cid), chips.INDEX_FILE, f"{column} {'|'.join(listed)} repeat a date, but "
+                                        "dataset.json says temporal_mode distinct; rebuild from a multi-date source"))
     return problems
 
 

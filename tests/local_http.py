@@ -116,7 +116,7 @@ class running:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.server))
         self._httpd.daemon_threads = True
         self.server.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self.server
 

@@ -7,7 +7,10 @@ import pytest
 import rasterio
 
 from nycdata import chips
-from nycdata.build import SourceError, build_dataset, choose_dates, needs_offset
+import random
+
+from nycdata.build import (Grid, OffsetDecision, SourceError, _dem, build_dataset, choose_dates, grouped_split, harmonise,
+                           match_s1_dates, needs_offset)
 from nycdata.data import TERRAMIND_V1_STATS
 from nycdata.params import PARAMS_DIR, load_params
 from nycdata.synthetic_sources import SyntheticSourcesConfig, make_sources
@@ -55,17 +58,59 @@ def test_chip_counts_grid_alignment_and_validation(built, sources):
     assert transform.a == 10 and transform.e == -10
 
 
-def test_s2_offset_added_exactly_to_old_baseline_scenes(built, sources):
+def test_s2_offset_removed_exactly_from_new_baseline_scenes(built, sources):
+    """The default convention, without_offset: baseline >= 04.00 scenes lose their +1000, older ones stay."""
     chip = chips.read_index(built).query("chip_id == 'nyc_p02_r0c0'").iloc[0]
     dates = chip["dates"].split("|")
     manifest = _manifest(sources).query("parent_id == 'p02' and band == 'B02'").set_index("date")
     s2, _, _ = _read(built / chip["path_S2L2A"])
     for t, date in enumerate(dates):
-        source, _, _ = _read(sources.parent / manifest.loc[date, "path"], 1)
-        offset = 1000 if needs_offset(date, manifest.loc[date, "processing_baseline"]) else 0
-        np.testing.assert_array_equal(s2[t * 12 + 1].astype(int), source[:SIZE, :SIZE].astype(int) + offset)
-    assert {needs_offset(d, manifest.loc[d, "processing_baseline"]) for d in dates} == {True, False}
-    assert f"s2_offset_{dates[0]}" in chip["fixes"]
+        source = _read(sources.parent / manifest.loc[date, "path"], 1)[0][:SIZE, :SIZE].astype(int)
+        offset = 0 if needs_offset(date, manifest.loc[date, "processing_baseline"]) else 1000
+        np.testing.assert_array_equal(s2[t * 12 + 1].astype(int), np.where(source > 0, np.maximum(source - offset, 0), 0))
+    delivered = ["absent" if needs_offset(d, manifest.loc[d, "processing_baseline"]) else "present" for d in dates]
+    assert set(delivered) == {"absent", "present"} and chip["s2_offset"].split("|") == delivered
+    assert [f"s2_offset_removed_{d}" in chip["fixes"] for d in dates] == [d == "present" for d in delivered]
+
+
+@pytest.mark.parametrize("convention, absent_shift, present_shift, actions", [
+    ("without_offset", 0, -1000, ("", "removed")), ("with_offset", 1000, 0, ("added", "")), ("as_delivered", 0, 0, ("", ""))])
+def test_each_convention_moves_only_the_other_convention(convention, absent_shift, present_shift, actions):
+    stack = np.full((12, 4, 4), 1500.0)
+    stack[:, 0, 0] = 0  # nodata stays nodata
+    for (date, baseline), shift, action in zip([("2021-06-01", "03.00"), ("2023-06-01", "05.09")],
+                                               (absent_shift, present_shift), actions):
+        out, decision = harmonise(stack, date, baseline, convention, "scene")
+        assert out[0, 1, 1] == 1500 + shift and out[0, 0, 0] == 0 and decision.action == action
+
+
+def test_reprocessed_baseline_9999_is_judged_from_its_darkest_pixels():
+    dark_water = np.concatenate([np.full(50, 120.0), np.full(950, 2500.0)])
+    scene = np.broadcast_to(dark_water.reshape(1, 1, -1), (12, 1, 1000)).copy()
+    assert harmonise(scene, "2019-06-01", "99.99", "without_offset", "s")[1] == OffsetDecision("absent (pixels)", "")
+    out, decision = harmonise(scene + 1000, "2019-06-01", "99.99", "without_offset", "s")
+    assert decision == OffsetDecision("present (pixels)", "removed") and np.array_equal(out, scene)
+    with pytest.raises(SourceError, match=r"S2 2019.*99\.99.*650 DN.*processing_baseline in sources.csv"):
+        harmonise(scene + 530, "2019-06-01", "99.99", "with_offset", "S2 2019-06-01")
+
+
+def test_original_split_is_the_scripts_shuffle_of_sorted_parents():
+    parents = [f"45{i % 6}U_62{i // 6}L" for i in range(21)]
+    split = grouped_split(parents[::-1], (0.7, 0.15, 0.15), 42, method="original")
+    order = sorted(parents)
+    random.Random(42).shuffle(order)
+    assert [split[p] for p in order] == ["train"] * 14 + ["val"] * 3 + ["test"] * 4  # x 16 chips = 224 / 48 / 64
+    with pytest.raises(SourceError, match="2/0/1 of 3 parents.*would be empty"):
+        grouped_split(parents[:3], (0.7, 0.15, 0.15), 42, method="original")
+
+
+def test_s1_dates_are_distinct_per_timestep_in_distinct_mode():
+    s2 = ["2021-05-01", "2021-05-04", "2021-08-01"]
+    s1 = ["2021-05-02", "2021-05-20", "2021-07-30"]
+    assert match_s1_dates(s2, s1, distinct=False, parent="p") == ["2021-05-02", "2021-05-02", "2021-07-30"]
+    assert match_s1_dates(s2, s1, distinct=True, parent="p") == ["2021-05-02", "2021-05-20", "2021-07-30"]
+    with pytest.raises(SourceError, match="parent p: 2 S1 dates for 3 distinct S2 dates.*fetch stac"):
+        match_s1_dates(s2, s1[:2], distinct=True, parent="p")
 
 
 def test_s1_linear_power_becomes_db_and_nodata_is_filled(built, sources):
@@ -110,10 +155,25 @@ def test_distinct_and_replicate_dates():
         choose_dates(rows, 5, "distinct", 30.0, "p")
 
 
-def test_replicate_mode_is_recorded(sources, tmp_path):
-    out = build_dataset(sources, tmp_path / "rep", _params(temporal_mode="replicate"), log=lambda m: None)
+def test_the_originals_defects_are_reproduced_and_recorded(sources, tmp_path):
+    original = load_params(PARAMS_DIR / "original.yaml")
+    defects = {k: original[k] for k in ("temporal_mode", "s1_convert_to_db", "s2_offset_convention")}
+    out = build_dataset(sources, tmp_path / "rep", _params(**defects), log=lambda m: None)
     index = chips.read_index(out)
     assert all(len(set(d.split("|"))) == 1 for d in index["dates"]) and index["fixes"].str.contains("temporal_replicate").all()
+    assert index["fixes"].str.contains("s1_linear_kept").all() and not index["fixes"].str.contains("s2_offset_").any()
+    s1 = _read(out / index.iloc[0]["path_S1RTC"])[0]
+    assert s1.min() >= 0 and s1.max() < 5  # linear power as stored, which the dB statistics then normalise
+    assert {k: chips.DatasetSpec.read(out).source[k] for k in defects} == defects
+    assert validate_dataset(out) == []
+
+
+def test_zero_filled_dem_is_the_originals_and_flagged():
+    grid = Grid(crs=None, transform=None, height=3, width=4)
+    dem, flags = _dem(pd.DataFrame({"modality": []}), None, "p", grid, {"missing_dem": "zero"})
+    assert dem.shape == (1, 3, 4) and not dem.any() and flags == ["dem_missing", "dem_zero_filled"]
+    with pytest.raises(SourceError, match="missing_dem 'zeros' unknown"):
+        _dem(pd.DataFrame({"modality": []}), None, "p", grid, {"missing_dem": "zeros"})
 
 
 def test_explicit_test_chip_list(sources, tmp_path):
@@ -127,11 +187,13 @@ def test_explicit_test_chip_list(sources, tmp_path):
 
 def test_missing_dem_is_an_error_unless_allowed(tmp_path):
     sources = make_sources(tmp_path / "src", SyntheticSourcesConfig(parents=3, missing_dem_parents=("p02",)))
-    with pytest.raises(SourceError, match="parent p02: no DEM.*allow_missing_dem"):
+    with pytest.raises(SourceError, match="parent p02: no DEM.*missing_dem: mean"):
         build_dataset(sources, tmp_path / "fail", _params(), log=lambda m: None)
     assert not (tmp_path / "fail").exists(), "nothing half-written"
-    index = chips.read_index(build_dataset(sources, tmp_path / "ok", _params(allow_missing_dem=True), log=lambda m: None))
+    index = chips.read_index(build_dataset(sources, tmp_path / "ok", _params(missing_dem="mean"), log=lambda m: None))
     assert index.loc[index.parent_id == "p02", "dem_missing"].all() and not index.loc[index.parent_id != "p02", "dem_missing"].any()
+    dem = _read(tmp_path / "ok" / index.loc[index.parent_id == "p02"].iloc[0]["path_DEM"])[0]
+    assert np.all(dem == np.float32(TERRAMIND_V1_STATS["DEM"][0][0]))
 
 
 def test_db_sources_are_not_converted_twice(tmp_path):
@@ -150,3 +212,15 @@ def test_bad_manifest_names_the_problem(tmp_path, sources):
     frame.to_csv(bad, index=False)
     with pytest.raises(SourceError, match="row 2: modality 'S3OLCI'"):
         build_dataset(bad, tmp_path / "x", _params(), log=lambda m: None)
+
+
+def test_validate_refuses_repeated_dates_in_a_distinct_dataset(built, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(built, tmp_path / "copy")
+    index = chips.read_index(copy)
+    first = index.iloc[0]["s1_dates"].split("|")[0]
+    index.loc[0, "s1_dates"] = "|".join([first] * T)
+    chips.write_index(copy, index)
+    problems = validate_dataset(copy)
+    assert [(p.chip_id, p.message.split(" repeat")[0]) for p in problems] == [(index.loc[0, "chip_id"], f"s1_dates {'|'.join([first] * T)}")]

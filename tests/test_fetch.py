@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import socket
-import sys
 
 import numpy as np
 import pandas as pd
@@ -13,13 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 from rasterio.transform import from_origin
-from rasterio.warp import transform_bounds
 
 from nycdata import fetch
-from nycdata.fetch import (MANIFEST_COLUMNS, NYC_BBOX, S2_BANDS, DownloadError, OfflineError, clip_to_bbox, download,
-                           fetch_majortom, fetch_stac, fetch_worldcover, parse_hf_url, parse_processing_baseline,
-                           read_manifest, select_majortom_rows, select_stac_records, stac_item_record,
-                           worldcover_tiles, write_manifest)
+from nycdata.fetch import (MANIFEST_COLUMNS, NYC_BBOX, S2_BANDS, DownloadError, OfflineError, download, fetch_majortom,
+                           fetch_worldcover, match_majortom_cells, parse_hf_url, parse_processing_baseline,
+                           read_manifest, select_majortom_cells, worldcover_tiles, write_manifest)
 
 
 @pytest.fixture(autouse=True)
@@ -212,6 +209,15 @@ def test_download_416_with_complete_part_finishes(tmp_path):
     assert (tmp_path / "file.tif").read_bytes() == CONTENT
 
 
+def test_download_reports_bytes_counting_the_resumed_part(tmp_path):
+    (tmp_path / "file.tif.part").write_bytes(CONTENT[:100])
+    lines = []
+    download(URL, tmp_path / "file.tif", session=FakeSession([range_server(CONTENT)]), sleep=Sleeps(),
+             log=lines.append, progress_every_s=0)
+    assert lines[0].startswith("  file.tif: 103 B of 1.0 KiB (10%)")  # 100 resumed + the first 3-byte chunk
+    assert lines[-1].startswith("  file.tif: 1.0 KiB of 1.0 KiB (100%)") and lines[-1].endswith(" done")
+
+
 # --------------------------------------------------------------------------- manifest
 
 def row(parent="c1", modality="S2L2A", date="2021-06-15", band="B04", path=None, **extra):
@@ -312,58 +318,107 @@ def test_worldcover_tiles_edges_and_hemispheres():
 
 # --------------------------------------------------------------------------- Major-TOM selection
 
-def synthetic_metadata():
-    inside, outside = (40.7, -74.0), (41.5, -74.0)
-    rows = [
-        # cell, (lat, lon), timestamp, cloud
-        ("A", inside, "20210615T154911", 5.0),     # kept
-        ("A", inside, "20210601T154911", 80.0),    # too cloudy
-        ("A", inside, "20190301T154911", 1.0),     # before start
-        ("A", inside, "20210101T000000", 30.0),    # exactly max_cloud: kept
-        ("A", inside, "20210615T170000", 2.0),     # same cell+date as the first, less cloudy: replaces it
-        ("B", (40.45, -74.30), "20211231T235959", 10.0),  # on the bbox corner, last day: kept
-        ("C", outside, "20210615T154911", 0.0),    # outside the bbox
-        ("D", (40.8, -73.0), "20210615T154911", 0.0),  # outside (east)
-        ("E", inside, "20220101T000100", 0.0),     # after end
-        ("F", inside, "20210301T000000", float("nan")),  # unknown cloud: dropped
-    ]
-    return pd.DataFrame({
-        "grid_cell": [r[0] for r in rows], "centre_lat": [r[1][0] for r in rows],
-        "centre_lon": [r[1][1] for r in rows], "timestamp": [r[2] for r in rows], "cloud_cover": [r[3] for r in rows],
-        "product_id": [f"P{i}" for i in range(len(rows))], "parquet_url": "u", "parquet_row": range(len(rows)),
-    })
+# NYC grid cells (Major-TOM rows ~451U-453U, columns ~624L-626L); centres inside NYC_BBOX unless said otherwise
+C1, C2, C3, OUT = (40.63, -74.05), (40.72, -73.95), (40.54, -74.12), (41.35, -74.00)
 
 
-def test_select_majortom_rows_filters_space_time_cloud():
-    got = select_majortom_rows(synthetic_metadata(), NYC_BBOX, "2020-01-01", "2021-12-31", 30.0)
-    assert list(zip(got["grid_cell"], got["date"])) == [("A", "2021-01-01"), ("A", "2021-06-15"), ("B", "2021-12-31")]
-    assert got.loc[1, "product_id"] == "P4"  # the less cloudy product of that day
-    assert (got["cloud_cover"] <= 30).all()
+def s2_product(day, baseline="0214", tile="T18TWL"):
+    return f"S2A_MSIL2A_{day}T154911_N{baseline}_R054_{tile}_{day}T200409"
 
 
-def test_select_majortom_rows_without_filters_keeps_every_cell_in_bbox():
-    meta = synthetic_metadata()
-    got = select_majortom_rows(meta.drop(columns=["timestamp", "cloud_cover"]), NYC_BBOX)
-    assert list(got["grid_cell"]) == ["A", "B", "E", "F"] and set(got["date"]) == {""}
-    got = select_majortom_rows(meta.drop(columns=["cloud_cover"]), NYC_BBOX, "2021-06-15", "2021-06-15")
-    assert list(got["grid_cell"]) == ["A"] and list(got["date"]) == ["2021-06-15"]
+def s2_metadata(rows):
+    """rows: (cell, (lat, lon), timestamp, cloud, product_id) with Core-S2L2A's metadata column names."""
+    return pd.DataFrame({"grid_cell": [r[0] for r in rows], "centre_lat": [r[1][0] for r in rows],
+                         "centre_lon": [r[1][1] for r in rows], "timestamp": [r[2] for r in rows],
+                         "cloud_cover": [r[3] for r in rows], "product_id": [r[4] for r in rows],
+                         "parquet_url": "u", "parquet_row": range(len(rows))})
 
 
-def test_select_majortom_rows_needs_centres():
-    with pytest.raises(ValueError, match="centre_lat"):
-        select_majortom_rows(pd.DataFrame({"grid_cell": ["A"]}), NYC_BBOX)
+def test_select_majortom_cells_one_product_per_cell_and_every_drop_logged():
+    meta = s2_metadata([
+        ("452U_625L", C1, "20200710T154911", 12.0, s2_product("20200710", tile="T18TWK")),  # overlap, cloudier
+        ("452U_625L", C1, "20200615T154911", 3.0, s2_product("20200615")),                   # kept
+        ("453U_624L", C2, "20190302T154911", 64.0, s2_product("20190302")),                  # too cloudy
+        ("451U_626L", C3, "20210801T154911", 30.0, s2_product("20210801", "9999")),          # == max_cloud: kept
+        ("451U_625L", (40.45, -74.30), "20180101T000000", 1.0, s2_product("20180101")),      # bbox corner: kept
+        ("453U_625L", C2, "20200301T000000", float("nan"), s2_product("20200301")),          # cloud unknown
+        ("460U_625L", OUT, "20200615T154911", 0.0, s2_product("20200615")),                  # outside: count only
+        ("461U_625L", OUT, "20200615T154911", 0.0, s2_product("20200615")),
+    ])
+    lines = []
+    got = select_majortom_cells(meta, NYC_BBOX, max_cloud=30.0, log=lines.append)
+    assert list(got["grid_cell"]) == ["451U_625L", "451U_626L", "452U_625L"]
+    assert list(got["date"]) == ["2018-01-01", "2021-08-01", "2020-06-15"]
+    assert list(got["processing_baseline"]) == ["02.14", "99.99", "02.14"]
+    assert "6 of 8 S2 products (5 cells) have their centre in bbox" in lines[0] and "2 outside it" in lines[0]
+    assert "cell 453U_624L: S2 product 2019-03-02 has 64.0 % cloud > 30.0" in lines
+    assert "cell 453U_625L: S2 product 2020-03-01 cloud cover unknown" in lines
+    assert not any("460U" in line for line in lines)
+    (choice,) = [line for line in lines if line.startswith("cell 452U_625L")]
+    assert f"2 S2 products (tile overlaps); kept {s2_product('20200615')} (2020-06-15, 3.0 % cloud)" in choice
+    assert f"not {s2_product('20200710', tile='T18TWK')} (cloudier)" in choice
+
+
+def test_select_majortom_cells_date_window_and_no_filters():
+    meta = s2_metadata([("452U_625L", C1, "20190615T154911", 3.0, "P1"), ("453U_624L", C2, "20200615T154911", 80.0, "P2"),
+                        ("451U_626L", C3, "20200301T000000", float("nan"), "P3")])
+    lines = []
+    got = select_majortom_cells(meta, NYC_BBOX, start="2020-01-01", end="2025-12-31", max_cloud=None, log=lines.append)
+    assert list(got["grid_cell"]) == ["451U_626L", "453U_624L"]  # no cloud filter: 80 % and unknown cloud stay
+    assert "cell 452U_625L: S2 product dated 2019-06-15 outside 2020-01-01..2025-12-31" in lines
+    assert list(select_majortom_cells(meta, NYC_BBOX)["grid_cell"]) == ["451U_626L", "452U_625L", "453U_624L"]
+    assert "outside 2020-01-01.." in select_and_log(meta, start="2020-01-01")
+
+
+def select_and_log(meta, **kwargs):
+    lines = []
+    select_majortom_cells(meta, NYC_BBOX, log=lines.append, **kwargs)
+    return "\n".join(lines)
+
+
+def test_match_majortom_cells_by_grid_cell_without_centres():
+    cells = pd.DataFrame({"grid_cell": ["451U_626L", "452U_625L"], "date": ["2021-08-01", "2020-06-15"]})
+    s1 = pd.DataFrame({"grid_cell": ["452U_625L", "452U_625L", "460U_625L"],  # no centre_lat / centre_lon at all
+                       "timestamp": ["20200901T225002", "20200612T225002", "20200612T225002"],
+                       "product_id": ["far", "near", "elsewhere"], "parquet_url": "u", "parquet_row": [0, 1, 2]})
+    lines = []
+    got = match_majortom_cells(s1, cells, "Core-S1RTC", log=lines.append)
+    assert list(zip(got["grid_cell"], got["product_id"], got["gap_days"])) == [("452U_625L", "near", -3)]
+    assert "cell 451U_626L: no product in Major-TOM/Core-S1RTC" in lines
+    assert any("cell 452U_625L: 2 products in Major-TOM/Core-S1RTC" in line for line in lines)
+    dem = pd.DataFrame({"grid_cell": ["451U_626L"], "parquet_url": "u", "parquet_row": [0]})
+    got = match_majortom_cells(dem, cells, "Core-DEM", log=lines.append)
+    assert list(got["grid_cell"]) == ["451U_626L"] and list(got["date"]) == [""]
+    assert "cell 452U_625L: no product in Major-TOM/Core-DEM" in lines
+
+
+def test_read_majortom_metadata_names_a_missing_column(tmp_path):
+    path = tmp_path / "metadata.parquet"
+    s2_metadata([("452U_625L", C1, "20200615T154911", 3.0, "P1")]).rename(columns={"grid_cell": "cell"}).to_parquet(path)
+    with pytest.raises(ValueError, match=r"Major-TOM/Core-S2L2A metadata.parquet .*lacks column\(s\) \['grid_cell'\]"):
+        fetch.read_majortom_metadata(path, "Core-S2L2A")
+
+
+def test_majortom_file_sizes_follow_the_core_product_shapes():
+    sizes = fetch.MAJORTOM_FILE_BYTES
+    assert sizes[("S2L2A", "B04")] == 1068 * 1068 * 2 and sizes[("S2L2A", "B05")] == 534 * 534 * 2
+    assert sizes[("S2L2A", "B01")] == 178 * 178 * 2 and sizes[("S1RTC", "VV")] == 1068 * 1068 * 4
+    assert sizes[("DEM", "DEM")] == 356 * 356 * 4
 
 
 # --------------------------------------------------------------------------- Major-TOM end to end, local files
 
-HF = "https://huggingface.co/datasets/Major-TOM/{coll}/resolve/main/images/part_00000.parquet"
+HF = "https://huggingface.co/datasets/Major-TOM/{coll}/resolve/main/images/part_00001.parquet"
 
 
 def write_majortom(root, coll, records, band_columns):
-    """metadata.parquet and one shard (one row group per product) for a fake Major-TOM collection."""
-    shard = root / coll / "images" / "part_00000.parquet"
+    """metadata.parquet and one shard (one row group per product) for a fake Major-TOM collection; the band
+    columns hold text instead of GeoTIFF bytes (tests/test_fetch_hub.py serves real rasters)."""
+    shard = root / coll / "images" / "part_00001.parquet"
     shard.parent.mkdir(parents=True)
-    columns = {"grid_cell": [r["grid_cell"] for r in records], "product_id": [r["product_id"] for r in records]}
+    columns = {"grid_cell": [r["grid_cell"] for r in records]}
+    if "product_id" in records[0]:
+        columns["product_id"] = [r["product_id"] for r in records]
     for col in band_columns:
         columns[col] = [f"{r['grid_cell']}|{r.get('timestamp', '')}|{col}".encode() for r in records]
     pq.write_table(pa.table(columns), shard, row_group_size=1)
@@ -374,34 +429,28 @@ def write_majortom(root, coll, records, band_columns):
 @pytest.fixture
 def fake_majortom(tmp_path):
     root = tmp_path / "hub"
-    a, b, out = dict(centre_lat=40.7, centre_lon=-74.0), dict(centre_lat=40.6, centre_lon=-73.9), \
-        dict(centre_lat=42.0, centre_lon=-74.0)
-    s2 = "S2A_MSIL2A_{}T154911_N{}_R054_T18TWL_{}T200409"
+    centre = lambda lat_lon: dict(centre_lat=lat_lon[0], centre_lon=lat_lon[1])  # noqa: E731
     write_majortom(root, "Core-S2L2A", [
-        dict(grid_cell="433U_1055L", timestamp="20210615T154911", cloud_cover=3.0, **a,
-             product_id=s2.format("20210615", "0300", "20210615")),
-        dict(grid_cell="433U_1055L", timestamp="20220710T154911", cloud_cover=12.0, **a,
-             product_id=s2.format("20220710", "0400", "20220710")),
-        dict(grid_cell="433U_1055L", timestamp="20220720T154911", cloud_cover=90.0, **a,
-             product_id=s2.format("20220720", "0400", "20220720")),
-        dict(grid_cell="432U_1056L", timestamp="20230101T154911", cloud_cover=0.0, **b,
-             product_id=s2.format("20230101", "0509", "20230101")),
-        dict(grid_cell="450U_1055L", timestamp="20210615T154911", cloud_cover=0.0, **out,
-             product_id=s2.format("20210615", "0300", "20210615")),
+        dict(grid_cell="452U_625L", timestamp="20200615T154911", cloud_cover=3.0, **centre(C1),
+             product_id=s2_product("20200615")),
+        dict(grid_cell="453U_624L", timestamp="20190302T154911", cloud_cover=64.0, **centre(C2),
+             product_id=s2_product("20190302")),
+        dict(grid_cell="451U_626L", timestamp="20210801T154911", cloud_cover=1.0, **centre(C3),
+             product_id=s2_product("20210801", "9999")),
+        dict(grid_cell="460U_625L", timestamp="20200615T154911", cloud_cover=0.0, **centre(OUT),
+             product_id=s2_product("20200615")),
     ], S2_BANDS)
-    write_majortom(root, "Core-S1RTC", [
-        dict(grid_cell="433U_1055L", timestamp="20210616T225002", **a, product_id="S1A_IW_GRDH_1SDV_20210616"),
-        dict(grid_cell="450U_1055L", timestamp="20210616T225002", **out, product_id="S1A_IW_GRDH_1SDV_20210616"),
+    write_majortom(root, "Core-S1RTC", [  # no centre columns: S1 rows are matched by grid_cell
+        dict(grid_cell="452U_625L", timestamp="20200618T225002", product_id="S1A_IW_GRDH_1SDV_20200618T225002"),
+        dict(grid_cell="460U_625L", timestamp="20200618T225002", product_id="S1A_IW_GRDH_1SDV_20200618T225002"),
     ], ["vv", "vh"])
-    write_majortom(root, "Core-DEM", [
-        dict(grid_cell="433U_1055L", **a, product_id="Copernicus_DSM_30_N40_00_W075_00"),
-        dict(grid_cell="432U_1056L", **b, product_id="Copernicus_DSM_30_N40_00_W074_00"),
-    ], ["DEM"])
+    write_majortom(root, "Core-DEM", [dict(grid_cell="452U_625L", **centre(C1)),
+                                      dict(grid_cell="451U_626L", **centre(C3))], ["DEM"])
 
     class Hub:
         downloads, opened = [], []
 
-        def hf_download(self, repo_id, repo_type, filename, revision=None):
+        def hf_download(self, repo_id, repo_type, filename, revision=None, endpoint=None, cache_dir=None):
             assert repo_type == "dataset" and repo_id.startswith("Major-TOM/")
             self.downloads.append((repo_id, filename))
             return str(root / repo_id.split("/")[1] / filename)
@@ -417,38 +466,68 @@ def fake_majortom(tmp_path):
 def test_fetch_majortom_writes_files_and_manifest(tmp_path, fake_majortom):
     out = tmp_path / "raw"
     lines = []
-    manifest = fetch_majortom(out, start="2021-01-01", end="2023-12-31", max_cloud=30.0, log=lines.append,
-                              hf_download=fake_majortom.hf_download, open_shard=fake_majortom.open_shard,
-                              sleep=Sleeps())
+    manifest = fetch_majortom(out, max_cloud=30.0, log=lines.append, hf_download=fake_majortom.hf_download,
+                              open_shard=fake_majortom.open_shard, sleep=Sleeps())
     assert manifest == out / "sources.csv"
     rows = read_manifest(out)
     s2 = [r for r in rows if r["modality"] == "S2L2A"]
-    assert len(s2) == 3 * 12  # 3 products inside the bbox and under 30 % cloud
-    assert {r["parent_id"] for r in rows} == {"433U_1055L", "432U_1056L"}  # 450U is outside the bbox
-    assert (out / "433U_1055L/S2L2A/2021-06-15_B8A.tif").read_bytes() == b"433U_1055L|20210615T154911|B8A"
-    first = next(r for r in s2 if r["date"] == "2021-06-15" and r["band"] == "B04")
-    assert first == dict(parent_id="433U_1055L", modality="S2L2A", date="2021-06-15", band="B04",
-                         path="433U_1055L/S2L2A/2021-06-15_B04.tif", cloud_cover="3.0", processing_baseline="03.00",
-                         product_id="S2A_MSIL2A_20210615T154911_N0300_R054_T18TWL_20210615T200409")
-    assert {r["processing_baseline"] for r in s2 if r["date"] == "2022-07-10"} == {"04.00"}
+    assert len(s2) == 2 * 12 and {r["parent_id"] for r in rows} == {"451U_626L", "452U_625L"}
+    assert (out / "452U_625L/S2L2A/2020-06-15_B8A.tif").read_bytes() == b"452U_625L|20200615T154911|B8A"
+    first = next(r for r in s2 if r["parent_id"] == "452U_625L" and r["band"] == "B04")
+    assert first == dict(parent_id="452U_625L", modality="S2L2A", date="2020-06-15", band="B04",
+                         path="452U_625L/S2L2A/2020-06-15_B04.tif", cloud_cover="3.0", processing_baseline="02.14",
+                         product_id=s2_product("20200615"))
+    assert {r["processing_baseline"] for r in s2 if r["parent_id"] == "451U_626L"} == {"99.99"}
     s1 = [r for r in rows if r["modality"] == "S1RTC"]
-    assert [(r["date"], r["band"], r["cloud_cover"], r["processing_baseline"]) for r in s1] == \
-        [("2021-06-16", "VV", "", ""), ("2021-06-16", "VH", "", "")]
-    assert (out / "433U_1055L/S1RTC/2021-06-16_VH.tif").read_bytes() == b"433U_1055L|20210616T225002|vh"
-    dem = [r for r in rows if r["modality"] == "DEM"]
-    assert [(r["parent_id"], r["date"], r["band"], r["path"]) for r in dem] == [
-        ("432U_1056L", "", "DEM", "432U_1056L/DEM/DEM.tif"), ("433U_1055L", "", "DEM", "433U_1055L/DEM/DEM.tif")]
+    assert [(r["parent_id"], r["date"], r["band"], r["cloud_cover"], r["processing_baseline"]) for r in s1] == \
+        [("452U_625L", "2020-06-18", "VV", "", ""), ("452U_625L", "2020-06-18", "VH", "", "")]
+    assert (out / "452U_625L/S1RTC/2020-06-18_VH.tif").read_bytes() == b"452U_625L|20200618T225002|vh"
+    dem = [(r["parent_id"], r["date"], r["band"], r["path"]) for r in rows if r["modality"] == "DEM"]
+    assert dem == [("451U_626L", "", "DEM", "451U_626L/DEM/DEM.tif"), ("452U_625L", "", "DEM", "452U_625L/DEM/DEM.tif")]
     assert all((out / r["path"]).exists() for r in rows)
-    assert any("[1/3] S2L2A cell 432U_1056L 2023-01-01: wrote 12 of 12" in line for line in lines)
-    assert any("[3/3] S2L2A cell 433U_1055L 2022-07-10" in line for line in lines)
+    # the log tells what Core is, what was dropped and why, and what was fetched
+    assert lines[0].startswith("Major-TOM Core is single-date") and "temporal_mode: replicate" in lines[0]
+    assert "cell 453U_624L: S2 product 2019-03-02 has 64.0 % cloud > 30.0" in lines
+    assert "cell 451U_626L: no product in Major-TOM/Core-S1RTC" in lines
+    assert any(line.startswith("cell 452U_625L: S1 product 2020-06-18 is 3 d after the S2 product 2020-06-15")
+               for line in lines)
+    assert any("cell 451U_626L" in line and "processing baseline 99.99 (reprocessed)" in line
+               and "decided from the pixels when building" in line for line in lines)
+    assert any("[1/2] S2L2A cell 451U_626L 2021-08-01: wrote 12 of 12 files, 348 B" in line for line in lines)
+    assert any("temporal_mode: replicate" in line and "S1-to-S2 gaps 3..3 d" in line for line in lines[-3:])
+    assert lines[-1].startswith("parent") and "total: 28 files" in lines[-1]
     assert [d for d in fake_majortom.downloads] == [(f"Major-TOM/{c}", "metadata.parquet")
                                                     for c in ("Core-S2L2A", "Core-S1RTC", "Core-DEM")]
 
 
+def test_fetch_majortom_date_window_drops_cells_with_a_reason(tmp_path, fake_majortom):
+    lines = []
+    fetch_majortom(tmp_path / "raw", start="2020-01-01", end="2020-12-31", collections=("Core-S2L2A",),
+                   log=lines.append, hf_download=fake_majortom.hf_download, open_shard=fake_majortom.open_shard)
+    assert "cell 451U_626L: S2 product dated 2021-08-01 outside 2020-01-01..2020-12-31" in lines
+    assert {r["parent_id"] for r in read_manifest(tmp_path / "raw")} == {"452U_625L"}
+
+
+def test_fetch_majortom_dry_run_writes_nothing(tmp_path, fake_majortom):
+    out = tmp_path / "raw"
+    lines = []
+
+    def refuse(url):
+        raise AssertionError("a dry run reads no image shard")
+
+    plan = fetch_majortom(out, dry_run=True, log=lines.append, hf_download=fake_majortom.hf_download, open_shard=refuse)
+    assert not out.exists()
+    assert len(plan) == 2 * 12 + 2 + 2 and {p.parent_id for p in plan} == {"451U_626L", "452U_625L"}
+    s1 = next(p for p in plan if p.modality == "S1RTC")
+    assert (s1.date, s1.est_bytes, s1.note) == ("2020-06-18", 1068 * 1068 * 4, "S1 3 d after S2 (unrelated)")
+    n9999 = next(p for p in plan if p.parent_id == "451U_626L" and p.modality == "S2L2A")
+    assert n9999.cloud_cover == 1.0 and "99.99" in n9999.note
+    assert any("total: 28 files" in line and "nothing was written (dry run)" in line for line in lines)
+
+
 def test_fetch_majortom_resume_reads_only_what_is_missing(tmp_path, fake_majortom):
     out = tmp_path / "raw"
-    kwargs = dict(start="2021-01-01", end="2023-12-31", log=quiet, hf_download=fake_majortom.hf_download,
-                  sleep=Sleeps())
+    kwargs = dict(log=quiet, hf_download=fake_majortom.hf_download, sleep=Sleeps())
     fetch_majortom(out, open_shard=fake_majortom.open_shard, **kwargs)
     before = (out / "sources.csv").read_text()
 
@@ -458,11 +537,11 @@ def test_fetch_majortom_resume_reads_only_what_is_missing(tmp_path, fake_majorto
     fetch_majortom(out, open_shard=refuse, **kwargs)
     assert (out / "sources.csv").read_text() == before
 
-    (out / "432U_1056L/S2L2A/2023-01-01_B02.tif").unlink()
+    (out / "452U_625L/S2L2A/2020-06-15_B02.tif").unlink()
     fake_majortom.opened.clear()
     fetch_majortom(out, collections=("Core-S2L2A",), open_shard=fake_majortom.open_shard, **kwargs)
     assert len(fake_majortom.opened) == 1
-    assert (out / "432U_1056L/S2L2A/2023-01-01_B02.tif").read_bytes() == b"432U_1056L|20230101T154911|B02"
+    assert (out / "452U_625L/S2L2A/2020-06-15_B02.tif").read_bytes() == b"452U_625L|20200615T154911|B02"
     assert (out / "sources.csv").read_text() == before
 
 
@@ -471,9 +550,24 @@ def test_fetch_majortom_checks_row_group_matches_metadata(tmp_path, fake_majorto
     meta = pd.read_parquet(meta_path)
     meta["parquet_row"] = meta["parquet_row"][::-1].to_numpy()  # rows point at each other's row groups
     meta.to_parquet(meta_path)
-    with pytest.raises(ValueError, match="holds grid cell"):
+    with pytest.raises(ValueError, match="holds grid_cell"):
         fetch_majortom(tmp_path / "raw", collections=("Core-DEM",), log=quiet, hf_download=fake_majortom.hf_download,
                        open_shard=fake_majortom.open_shard)
+
+
+def test_fetch_majortom_retries_a_failed_shard_read_and_reopens(tmp_path, fake_majortom):
+    sleeps, calls = Sleeps(), []
+
+    def flaky(url):
+        calls.append(url)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset by peer")
+        return fake_majortom.open_shard(url)
+
+    fetch_majortom(tmp_path / "raw", collections=("Core-DEM",), log=quiet, hf_download=fake_majortom.hf_download,
+                   open_shard=flaky, sleep=sleeps)
+    assert sleeps == [1] and len(calls) == 2
+    assert len(read_manifest(tmp_path / "raw")) == 2
 
 
 def test_fetch_majortom_hf_hub_offline_is_offline_error(tmp_path, monkeypatch, fake_majortom):
@@ -500,119 +594,7 @@ def test_fetch_majortom_unknown_collection(tmp_path):
         fetch_majortom(tmp_path, collections=("Core-S3",), log=quiet)
 
 
-# --------------------------------------------------------------------------- STAC
-
-UTM = "EPSG:32618"
-
-
-def write_utm_raster(path, res=600.0, origin=(540000.0, 4540000.0), size=(120, 150), dtype="uint16"):
-    """A raster in UTM 18N over NYC whose pixel values encode (row, col)."""
-    rows, cols = size
-    data = (np.arange(rows)[:, None] * 1000 + np.arange(cols)[None, :]).astype(dtype)[None]
-    with rasterio.open(path, "w", driver="GTiff", width=cols, height=rows, count=1, dtype=dtype, crs=UTM,
-                       transform=from_origin(*origin, res, res), nodata=0) as ds:
-        ds.write(data)
-    return path
-
-
-def test_clip_to_bbox_reads_the_bbox_window(tmp_path):
-    src = write_utm_raster(tmp_path / "src.tif")
-    dest = clip_to_bbox(src, NYC_BBOX, tmp_path / "out" / "clip.tif", description="B04")
-    left, bottom, right, top = transform_bounds("EPSG:4326", UTM, *NYC_BBOX, densify_pts=21)
-    with rasterio.open(dest) as ds, rasterio.open(src) as full:
-        b = ds.bounds
-        assert b.left <= left and b.bottom <= bottom and b.right >= right and b.top >= top
-        assert left - b.left < 600 and b.right - right < 600 and top - b.top > -600 and bottom - b.bottom < 600
-        assert ds.crs.to_string() == UTM and ds.res == (600.0, 600.0) and ds.descriptions == ("B04",)
-        col0 = round((b.left - full.bounds.left) / 600)
-        row0 = round((full.bounds.top - b.top) / 600)
-        expected = full.read(1)[row0:row0 + ds.height, col0:col0 + ds.width]
-        np.testing.assert_array_equal(ds.read(1), expected)
-    assert clip_to_bbox(src, (10.0, 10.0, 10.5, 10.5), tmp_path / "none.tif") is None
-    assert not (tmp_path / "none.tif").exists()
-
-
-def earth_search_item(item_id, tile, when, cloud, baseline, href, bands=fetch.EARTH_SEARCH_S2_ASSETS):
-    assets = {key: {"href": href} for key in bands}
-    assets["scl"] = {"href": href}
-    assets["thumbnail"] = {"href": "https://example.invalid/thumb.jpg"}
-    return {"id": item_id, "properties": {"datetime": when, "eo:cloud_cover": cloud, "grid:code": f"MGRS-{tile}",
-                                          "s2:processing_baseline": baseline,
-                                          "s2:product_uri": f"S2A_MSIL2A_X_N{baseline.replace('.', '')}_R054_T{tile}_Y.SAFE"},
-            "assets": assets}
-
-
-def test_stac_item_record_maps_earth_search_item():
-    rec = stac_item_record(earth_search_item("S2A_18TWL_20210615_0_L2A", "18TWL", "2021-06-15T15:59:01.024000Z",
-                                             4.2, "03.00", "https://x/B.tif"))
-    assert rec["parent_id"] == "18TWL" and rec["date"] == "2021-06-15" and rec["cloud_cover"] == 4.2
-    assert rec["processing_baseline"] == "03.00" and rec["product_id"] == "S2A_MSIL2A_X_N0300_R054_T18TWL_Y"
-    assert sorted(rec["hrefs"]) == sorted(S2_BANDS)
-    item = {"id": "i", "properties": {"datetime": "2022-01-02T00:00:00Z", "mgrs:utm_zone": 18,
-                                      "mgrs:latitude_band": "T", "mgrs:grid_square": "WK"}, "assets": {}}
-    assert stac_item_record(item)["parent_id"] == "18TWK" and stac_item_record(item)["processing_baseline"] == ""
-    with pytest.raises(ValueError, match="MGRS"):
-        stac_item_record({"id": "i", "properties": {"datetime": "2022-01-02T00:00:00Z"}, "assets": {}})
-
-
-def test_select_stac_records_one_per_tile_and_date():
-    recs = [dict(parent_id="18TWL", date="2021-06-15", cloud_cover=9.0, hrefs={"B01": "a"}, product_id="x"),
-            dict(parent_id="18TWL", date="2021-06-15", cloud_cover=2.0, hrefs={"B01": "b"}, product_id="y"),
-            dict(parent_id="18TWL", date="2021-05-01", cloud_cover=50.0, hrefs={}, product_id="z"),
-            dict(parent_id="18TWK", date="2021-07-01", cloud_cover=None, hrefs={}, product_id="w")]
-    got = select_stac_records(recs, max_cloud=30.0)
-    assert [(r["parent_id"], r["date"], r["product_id"]) for r in got] == [
-        ("18TWK", "2021-07-01", "w"), ("18TWL", "2021-06-15", "y")]
-
-
-class FakeClient:
-    def __init__(self, items):
-        self.items, self.searches = items, []
-
-    def search(self, **kwargs):
-        self.searches.append(kwargs)
-        items = self.items
-
-        class Result:
-            def items(self):
-                return iter(items)
-        return Result()
-
-
-def test_fetch_stac_with_fake_client(tmp_path):
-    href = str(write_utm_raster(tmp_path / "band.tif"))
-    items = [earth_search_item("a", "18TWL", "2021-06-15T15:59:01Z", 4.0, "03.00", href),
-             earth_search_item("b", "18TWL", "2022-07-10T15:59:01Z", 10.0, "04.00", href,
-                               bands={k: v for k, v in fetch.EARTH_SEARCH_S2_ASSETS.items() if v != "B09"}),
-             earth_search_item("c", "18TWL", "2022-07-20T15:59:01Z", 70.0, "04.00", href)]
-    client = FakeClient(items)
-    out = tmp_path / "raw"
-    lines = []
-    fetch_stac(out, start="2021-01-01", end="2022-12-31", client=client, log=lines.append, sleep=Sleeps())
-    assert client.searches[0]["datetime"] == "2021-01-01/2022-12-31"
-    assert client.searches[0]["bbox"] == list(NYC_BBOX) and client.searches[0]["collections"] == ["sentinel-2-l2a"]
-    rows = read_manifest(out)
-    assert len(rows) == 12 + 11  # the 70 % item is dropped; the second lacks B09
-    assert {(r["date"], r["processing_baseline"]) for r in rows} == {("2021-06-15", "03.00"), ("2022-07-10", "04.00")}
-    assert all(r["parent_id"] == "18TWL" and (out / r["path"]).exists() for r in rows)
-    assert any("lacks bands ['B09']" in line for line in lines)
-    with rasterio.open(out / "18TWL/S2L2A/2021-06-15_B8A.tif") as ds:
-        assert ds.descriptions == ("B8A",) and ds.width < 120
-
-    # resumed: files are there, so nothing is opened (hrefs now point nowhere)
-    for item in items:
-        for asset in item["assets"].values():
-            asset["href"] = str(tmp_path / "missing.tif")
-    before = (out / "sources.csv").read_text()
-    fetch_stac(out, start="2021-01-01", end="2022-12-31", client=client, log=quiet, sleep=Sleeps())
-    assert (out / "sources.csv").read_text() == before
-
-
-def test_fetch_stac_without_pystac_client_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "pystac_client", None)
-    with pytest.raises(ImportError, match="pip install pystac-client"):
-        fetch_stac(tmp_path, log=quiet)
-
+# --------------------------------------------------------------------------- retry classification
 
 def test_retry_classifies_gdal_http_errors():
     from rasterio.errors import RasterioIOError
@@ -687,3 +669,13 @@ def test_fetch_worldcover_two_tiles_are_mosaicked(tmp_path):
         assert ds.bounds.left == pytest.approx(-74.5) and ds.bounds.top == pytest.approx(42.5)
         assert data.shape == (10, 10)
         assert (data[:5] == 80).all() and (data[5:] == 10).all()  # north half from N42, south half from N39
+
+
+def test_fetch_worldcover_dry_run_plans_without_writing(tmp_path):
+    lines, out = [], tmp_path / "raw"
+    plan = fetch_worldcover(out, log=lines.append, dry_run=True, session=FakeSession([]))  # no get(), no head()
+    assert not out.exists()
+    (only,) = plan
+    assert (only.parent_id, only.modality, only.product_id, only.est_bytes) == (
+        "*", "WORLDCOVER", "ESA_WorldCover_10m_2021_v200_N39W075", None)
+    assert "nothing was written (dry run)" in lines[-1] and "(some sizes unknown)" in lines[-1]

@@ -6,9 +6,12 @@ The chain runs once per session (about two minutes on 2 cores); each test then c
 import json
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 
+from nycdata.chips import S2L2A_BANDS
+from nycdata.data import TERRAMIND_V1_STATS
 from nycdata.stats import with_gate
 from nycdata.params import defaults
 from nycdata.pipeline import NOTEBOOK_DIR, execute_notebook, run_pipeline
@@ -52,6 +55,10 @@ def test_01_data_summary(run):
     assert sum(f["test"]["chips"] for f in summary["folds"].values()) == CHIPS, "every chip tested in exactly one fold"
     folds = (run / "folds.csv").read_text().splitlines()
     assert folds[0] == "fold,parent_id,split,chips" and len(folds) - 1 == 2 * summary["n_parents"]
+    medians = pd.read_csv(run / "s2_medians.csv", index_col=0)
+    assert list(medians.index) == list(S2L2A_BANDS)
+    assert medians["pretraining mean"].tolist() == pytest.approx(TERRAMIND_V1_STATS["S2L2A"][0], abs=0.5)
+    assert medians["median before 2022-01-25"].notna().all() and medians["median from 2022-01-25"].isna().all()
 
 
 def test_02_smoke(run):
@@ -162,6 +169,9 @@ def test_00_builds_from_synthetic_sources_that_01_then_reads(tmp_path):
     execute_notebook("01_load_data", tmp_path / "nb", {**params, "fixture": False, "data_root": str(tmp_path / "built")})
     data = _json(tmp_path / "out" / "b" / "data_summary.json")
     assert data["n_chips"] == 62 and data["chip_size"] == 32 and data["timesteps"] == 2
+    medians = pd.read_csv(tmp_path / "out" / "b" / "s2_medians.csv", index_col=0)
+    shift = medians["median from 2022-01-25"] - medians["median before 2022-01-25"]
+    assert shift.abs().max() < 500, "without_offset: scenes from 2022 on were brought down to the older convention"
 
 
 def test_tim_evaluation_draws_k_thoughts_and_reports_their_spread(run, tmp_path):

@@ -63,3 +63,19 @@ def test_relative_paths_resolve_against_the_repo_not_the_cwd(tmp_path, monkeypat
     assert resolve_path("outputs") == REPO_ROOT / "outputs"
     assert resolve_path(tmp_path / "x") == tmp_path / "x"
     assert DEFAULTS_FILE.is_file()
+
+
+def test_an_unquoted_yaml_date_is_a_date_string(tmp_path):
+    (tmp_path / "dates.yaml").write_text("fetch_start: 2021-05-01\n")
+    assert load_params(tmp_path / "dates.yaml")["fetch_start"] == "2021-05-01"
+
+
+def test_original_params_mark_every_defect_with_its_fix():
+    """Every DEFECT line of params/original.yaml names the fix, a value the defaults differ from."""
+    from nycdata.params import PARAMS_DIR, defaults
+
+    lines = [line for line in (PARAMS_DIR / "original.yaml").read_text().splitlines() if "# DEFECT" in line]
+    original, nyc = load_params(PARAMS_DIR / "original.yaml"), defaults()
+    keys = [line.split(":")[0].strip() for line in lines]
+    assert len(keys) >= 9 and all("Fix:" in line for line in lines)
+    assert [k for k in keys if original[k] == nyc[k]] == []

@@ -143,6 +143,26 @@ def test_raw_ckpt_path_leaves_generator_random_and_is_refused(params, raw_checkp
                    get_variant("tim"))
 
 
+def test_the_originals_random_generator_is_reproduced_only_when_asked_for(params, tim_task, raw_checkpoint):
+    """tim_random_generator: a pretrained encoder whose generator stays random, except its input embeddings."""
+    original = {**params, "backbone_ckpt_path": str(raw_checkpoint), "tim_random_generator": True}
+    with pytest.raises(ValueError, match="tim_random_generator=true reproduces the original's defect.*allow_random_generator"):
+        build_task({**original, "allow_random_generator": False}, get_variant("tim"))
+    with pytest.warns(UserWarning, match="RANDOM generator on purpose"):
+        task = build_task(original, get_variant("tim"))
+    generator = tim_backbone(task.model).sampler.model.state_dict()
+    encoder = tim_backbone(task.model).state_dict()  # what the checkpoint filled
+    reference = tim_backbone(tim_task.model).sampler.model.state_dict()  # the one random generator of every build
+    checkpoint = torch.load(raw_checkpoint, weights_only=True)
+    embeddings = [k for k in generator if k.startswith("encoder_embeddings.")]
+    rest = [k for k in generator if k not in embeddings and generator[k].is_floating_point()]
+    assert len(embeddings) == 12 and len(rest) > 200
+    assert all(torch.equal(generator[k], encoder[k]) for k in embeddings)
+    assert sum(torch.equal(generator[k], checkpoint[k]) for k in embeddings) >= 9  # S2, S1, DEM patch embeddings
+    assert all(torch.equal(generator[k], reference[k]) and not torch.equal(generator[k], checkpoint[k]) for k in rest)
+    assert task.generator_report["source"] == "random initialisation" and "on purpose" in task.generator_report["warning"]
+
+
 def test_generator_loaded_through_terratorch_mapping_verifies(params, raw_checkpoint):
     from terratorch.models.backbones.terramind.model.terramind_register import checkpoint_filter_fn_tim
 
