@@ -270,6 +270,7 @@ def _write_summary(run_dir: Path, variant: Variant, params: Mapping, trainer: pl
         "variant": variant.name, "seed": params["seed"], "fold": params["fold"] if params["cv_folds"] else None,
         "cv_folds": params["cv_folds"], "thought_seed": params["thought_seed"] if variant.is_tim else None,
         "tim_share_embeddings": params["tim_share_embeddings"] if variant.is_tim else None,
+        "tim_random_generator": params["tim_random_generator"] if variant.is_tim else None,
         "deterministic": params["deterministic"],
         "epochs_run": int(epochs["epoch"].max()) + 1,
         "max_epochs": trainer.max_epochs, "stopped_early": bool(trainer.should_stop and trainer.current_epoch < trainer.max_epochs),

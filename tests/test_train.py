@@ -76,6 +76,16 @@ def test_tim_with_random_generator_needs_explicit_permission(params):
         fine_tune({**params, "variant": "tim", "allow_random_generator": False})
 
 
+def test_the_original_configuration_fine_tunes_on_the_fixture(params):
+    """params/original.yaml under the fixture's tiny settings: TiM with its random generator, frozen embeddings."""
+    original = load_params(PARAMS_DIR / "original.yaml", PARAMS_DIR / "fixture.yaml", overrides={
+        k: params[k] for k in ("data_root", "output_root", "run_name", "cv_folds")} | {"max_epochs": 1})
+    with pytest.warns(UserWarning, match="RANDOM generator on purpose"):
+        summary = fine_tune({**original, "variant": "tim"})
+    assert summary["tim_random_generator"] is True and summary["tim_share_embeddings"] is True
+    assert summary["parameters"]["input embeddings"]["trainable"] == 0 and summary["epochs_run"] == 1
+
+
 def _rng_digest():
     return hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
 
