@@ -15,7 +15,7 @@ def _log(message: str) -> None:
 
 
 def cmd_fixture(args) -> int:
-    from nycdata.fixture import FixtureConfig, make_fixture
+    from nycdata.data.fixture import FixtureConfig, make_fixture
 
     config = FixtureConfig(chips=args.chips, size=args.size, timesteps=args.timesteps, seed=args.seed)
     out = make_fixture(Path(args.out_dir), config, overwrite=args.overwrite)
@@ -24,7 +24,7 @@ def cmd_fixture(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from nycdata.validate import validate_dataset
+    from nycdata.data.validate import validate_dataset
 
     problems = validate_dataset(Path(args.data_dir), progress=_log)
     for problem in problems:
@@ -43,7 +43,7 @@ def _parse_overrides(pairs: list[list[str]] | None) -> dict:
 
 
 def cmd_run(args) -> int:
-    from nycdata.pipeline import run_pipeline
+    from nycdata.study.chain import run_pipeline
 
     params = _params(args)
     started = time.monotonic()
@@ -59,15 +59,15 @@ def _params(args):
 
 
 def cmd_export_config(args) -> int:
-    from nycdata.export import config_yaml
+    from nycdata.study.export import config_yaml
 
     sys.stdout.write(config_yaml(_params(args)))
     return 0
 
 
 def cmd_download_weights(args) -> int:
-    from nycdata import weights
-    from nycdata.variants import get_variant
+    from nycdata.model import weights
+    from nycdata.model.variants import get_variant
 
     params = _params(args)
     for path in weights.download(params, get_variant(params["variant"])):
@@ -76,7 +76,7 @@ def cmd_download_weights(args) -> int:
 
 
 def cmd_supplement(args) -> int:
-    from nycdata.supplement import build_supplement
+    from nycdata.study.supplement import build_supplement
 
     build_supplement(_params(args), log=_log)
     return 0
@@ -85,14 +85,14 @@ def cmd_supplement(args) -> int:
 def cmd_publish(args) -> int:
     from huggingface_hub import get_token
 
-    from nycdata.supplement import publish
+    from nycdata.study.supplement import publish
 
     publish(_params(args), token=get_token(), log=_log)
     return 0
 
 
 def cmd_build(args) -> int:
-    from nycdata.build import build_dataset
+    from nycdata.sources.build import build_dataset
 
     params = _params(args)
     build_dataset(Path(args.sources), Path(args.out_dir), params, overwrite=args.overwrite, log=_log)
@@ -100,14 +100,14 @@ def cmd_build(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from nycdata import fetch
+    from nycdata.sources import fetch
 
     params = _params(args)
     out = Path(args.out_dir)
     common = dict(bbox=tuple(params["fetch_bbox"]), dry_run=args.dry_run, log=_log)
     window = dict(start=params["fetch_start"] or None, end=params["fetch_end"] or None)
     if args.source == "stac":
-        from nycdata import stac
+        from nycdata.sources import stac
 
         stac.fetch_stac(out, **common, **window, timesteps=params["timesteps"], max_cloud=params["max_cloud_cover"],
                         parent_px=params["parent_size_px"], s1_max_days=params["s1_max_days"],
@@ -121,7 +121,7 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_synthetic_sources(args) -> int:
-    from nycdata.synthetic_sources import SyntheticSourcesConfig, make_sources
+    from nycdata.sources.synthetic import SyntheticSourcesConfig, make_sources
 
     manifest = make_sources(Path(args.out_dir), SyntheticSourcesConfig(parents=args.parents, seed=args.seed))
     _log(f"synthetic sources: {manifest}")
@@ -129,7 +129,7 @@ def cmd_synthetic_sources(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from nycdata.bench import markdown, run_bench, write_bench
+    from nycdata.study.bench import markdown, run_bench, write_bench
 
     params = _params(args)
     result = run_bench(params, device=args.device, warmup=args.warmup, repeats=args.repeats, log=_log)
@@ -140,7 +140,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_cache_check(args) -> int:
-    from nycdata.cache_agreement import check_agreement
+    from nycdata.study.cache_agreement import check_agreement
 
     result = check_agreement(_params(args), thought_seeds=args.thought_seeds, level=args.level, log=_log)
     return 0 if result["agree"] else 1

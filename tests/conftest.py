@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from nycdata import chips
-from nycdata.fixture import FixtureConfig, make_fixture
+from nycdata.data import chips
+from nycdata.data.fixture import FixtureConfig, make_fixture
 
 SMALL_FIXTURE = FixtureConfig(chips=12, size=32, timesteps=2, seed=0)
 
@@ -42,7 +42,7 @@ def run(tmp_path_factory):
     import os
 
     from nycdata.params import PARAMS_DIR, load_params
-    from nycdata.pipeline import run_pipeline
+    from nycdata.study.chain import run_pipeline
 
     base = tmp_path_factory.mktemp("chain")
     params = load_params(PARAMS_DIR / "fixture.yaml", overrides={

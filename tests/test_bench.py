@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from nycdata import chips
+from nycdata.data import chips
 from nycdata.__main__ import main
-from nycdata.bench import VARIANTS
+from nycdata.study.bench import VARIANTS
 from nycdata.params import PARAMS_DIR
 
 

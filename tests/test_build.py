@@ -6,15 +6,15 @@ import pandas as pd
 import pytest
 import rasterio
 
-from nycdata import chips
+from nycdata.data import chips
 import random
 
-from nycdata.build import (Grid, OffsetDecision, SourceError, _dem, build_dataset, choose_dates, grouped_split, harmonise,
+from nycdata.sources.build import (Grid, OffsetDecision, SourceError, _dem, build_dataset, choose_dates, grouped_split, harmonise,
                            match_s1_dates, needs_offset)
-from nycdata.data import TERRAMIND_V1_STATS
+from nycdata.data.dataset import TERRAMIND_V1_STATS
 from nycdata.params import PARAMS_DIR, load_params
-from nycdata.synthetic_sources import SyntheticSourcesConfig, make_sources
-from nycdata.validate import validate_dataset
+from nycdata.sources.synthetic import SyntheticSourcesConfig, make_sources
+from nycdata.data.validate import validate_dataset
 
 SIZE, T = 32, 2
 

@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from nycdata import classes
-from nycdata.classes import (
+from nycdata.data import classes
+from nycdata.data.classes import (
     CLASS_COLOURS, CLASS_NAMES, CLASSES, IGNORE_COLOUR, IGNORE_INDEX, NUM_CLASSES, WORLDCOVER_CODES,
     class_counts, colormap, worldcover_to_class,
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nycdata import chips
+from nycdata.data import chips
 from nycdata.__main__ import main
 
 FIXTURE_ARGS = ["--chips", "12", "--size", "32", "--timesteps", "2", "--seed", "0"]

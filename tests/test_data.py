@@ -7,10 +7,10 @@ import pytest
 import rasterio
 import torch
 
-from nycdata import chips
-from nycdata.data import TERRAMIND_V1_STATS, ChipDataset, ChipDraw, EpochDraws, NYCDataModule, d4_transform
-from nycdata.fixture import FixtureConfig, make_fixture
-from nycdata.validate import ChipError
+from nycdata.data import chips
+from nycdata.data.dataset import TERRAMIND_V1_STATS, ChipDataset, ChipDraw, EpochDraws, NYCDataModule, d4_transform
+from nycdata.data.fixture import FixtureConfig, make_fixture
+from nycdata.data.validate import ChipError
 
 T, SIZE = 2, 32
 

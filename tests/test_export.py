@@ -5,11 +5,11 @@ import yaml
 from terratorch.cli_tools import build_lightning_cli
 
 from nycdata.__main__ import main
-from nycdata.fixture import FixtureConfig, make_fixture
+from nycdata.data.fixture import FixtureConfig, make_fixture
 from nycdata.params import PARAMS_DIR, load_params
-from nycdata.data import NYCDataModule
-from nycdata.train import NYCSegmentationTask, task_kwargs
-from nycdata.variants import get_variant
+from nycdata.data.dataset import NYCDataModule
+from nycdata.study.train import NYCSegmentationTask, task_kwargs
+from nycdata.model.variants import get_variant
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""nycdata.fetch without a network: fake HTTP sessions, local parquet shards, local rasters, a fake STAC client."""
+"""nycdata.sources.fetch without a network: fake HTTP sessions, local parquet shards, local rasters, a fake STAC client."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from nycdata import fetch
-from nycdata.fetch import (MANIFEST_COLUMNS, NYC_BBOX, S2_BANDS, DownloadError, OfflineError, download, fetch_majortom,
+from nycdata.sources import fetch
+from nycdata.sources.fetch import (MANIFEST_COLUMNS, NYC_BBOX, S2_BANDS, DownloadError, OfflineError, download, fetch_majortom,
                            fetch_worldcover, match_majortom_cells, parse_hf_url, parse_processing_baseline,
                            read_manifest, select_majortom_cells, worldcover_tiles, write_manifest)
 

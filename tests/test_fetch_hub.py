@@ -1,8 +1,8 @@
-"""nycdata.fetch against the real client libraries, served from 127.0.0.1 (tests/local_http.py).
+"""nycdata.sources.fetch against the real client libraries, served from 127.0.0.1 (tests/local_http.py).
 
 ``huggingface_hub`` (``hf_hub_download`` and ``HfFileSystem``) talks to a fake Hugging Face Hub holding the three
 Major-TOM Core datasets, and ``requests`` to a fake WorldCover bucket; then the fetched folder is built with
-``nycdata.build`` and validated.
+``nycdata.sources.build`` and validated.
 
 What the fake Hub has to answer, read off huggingface_hub 2.x (``file_download.py``: ``get_hf_file_metadata``,
 ``_get_metadata_or_catch_error``; ``hf_file_system.py``: ``resolve_path``, ``info``, ``HfFileSystemFile``):
@@ -17,7 +17,7 @@ What the fake Hub has to answer, read off huggingface_hub 2.x (``file_download.p
   (does the repo exist: ``{"id", "sha"}``) and ``GET /api/datasets/<repo>/tree/<revision>/<folder>`` (the
   file's size), then reads byte ranges of the resolve URL (following the redirect).
 
-The served files use the real column names (see the comments at the schemas), so a rename in nycdata.fetch
+The served files use the real column names (see the comments at the schemas), so a rename in nycdata.sources.fetch
 fails here, and a rename served here must fail with a message naming the column and the file.
 """
 
@@ -37,8 +37,8 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_transform
 
 from local_http import LocalServer, allow_only_loopback, running
-from nycdata import chips
-from nycdata.fetch import S2_BANDS, fetch_majortom, fetch_worldcover, read_manifest
+from nycdata.data import chips
+from nycdata.sources.fetch import S2_BANDS, fetch_majortom, fetch_worldcover, read_manifest
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 UTM = "EPSG:32618"
@@ -261,9 +261,9 @@ def test_hf_hub_download_accepts_the_fake_hub(hub, repos, tmp_path):
 
 
 def test_fetch_majortom_and_worldcover_then_build(hub, repos, tmp_path):
-    from nycdata.build import build_dataset
+    from nycdata.sources.build import build_dataset
     from nycdata.params import load_params
-    from nycdata.validate import validate_dataset
+    from nycdata.data.validate import validate_dataset
 
     raw, lines = tmp_path / "raw", []
     fetch_majortom(raw, **fetch_kwargs(hub, tmp_path, lines, shard_access="range"))

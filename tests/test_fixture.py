@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import rasterio
 
-from nycdata import chips, fixture
-from nycdata.classes import CLASS_NAMES, IGNORE_INDEX, class_counts
-from nycdata.fixture import FixtureConfig, ensure_fixture, make_fixture
+from nycdata.data import chips, fixture
+from nycdata.data.classes import CLASS_NAMES, IGNORE_INDEX, class_counts
+from nycdata.data.fixture import FixtureConfig, ensure_fixture, make_fixture
 
 NYC_BBOX = (-74.30, 40.45, -73.65, 40.95)
 
@@ -69,7 +69,7 @@ def test_dataset_json_records_spec_and_config(pristine_fixture_dir, small_fixtur
     assert spec.chip_size == 32 and spec.timesteps == 2
     assert spec.modalities == ("S2L2A", "S1RTC", "DEM") and spec.label == "LULC"
     assert spec.format == chips.FORMAT_VERSION
-    assert spec.source == {"generator": "nycdata.fixture",
+    assert spec.source == {"generator": "nycdata.data.fixture",
                            "config": {"chips": 12, "size": 32, "timesteps": 2, "seed": 0, "chips_per_parent": 4}}
 
 
@@ -340,7 +340,7 @@ def test_ensure_fixture_rejects_different_config(fixture_copy, small_fixture_con
 
 def test_ensure_fixture_rejects_non_fixture_dataset(fixture_copy, small_fixture_config):
     spec = chips.DatasetSpec.read(fixture_copy)
-    chips.DatasetSpec(spec.chip_size, spec.timesteps, source={"generator": "nycdata.build"}).write(fixture_copy)
+    chips.DatasetSpec(spec.chip_size, spec.timesteps, source={"generator": "nycdata.sources.build"}).write(fixture_copy)
     with pytest.raises(FileExistsError, match="not the fixture these params ask for"):
         ensure_fixture(fixture_copy, small_fixture_config)
-    assert chips.DatasetSpec.read(fixture_copy).source == {"generator": "nycdata.build"}
+    assert chips.DatasetSpec.read(fixture_copy).source == {"generator": "nycdata.sources.build"}

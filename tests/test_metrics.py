@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from nycdata.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
-from nycdata.metrics import (
+from nycdata.data.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from nycdata.data.metrics import (
     PUBLISH_FROM_PP, STRONG_ABOVE_PP, confusion_matrix, gate, metrics_from_confusion,
     metrics_table, per_chip_confusion,
 )

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from nycdata.data import ChipDataset
-from nycdata.fixture import FixtureConfig, make_fixture
-from nycdata.model import backbone_name, build_model, model_args
+from nycdata.data.dataset import ChipDataset
+from nycdata.data.fixture import FixtureConfig, make_fixture
+from nycdata.model.factory import backbone_name, build_model, model_args
 
 T, SIZE = 2, 64
 

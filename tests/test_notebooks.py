@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from nycdata.chips import S2L2A_BANDS
-from nycdata.data import TERRAMIND_V1_STATS
-from nycdata.stats import with_gate
+from nycdata.data.chips import S2L2A_BANDS
+from nycdata.data.dataset import TERRAMIND_V1_STATS
+from nycdata.study.stats import with_gate
 from nycdata.params import defaults
-from nycdata.pipeline import NOTEBOOK_DIR, execute_notebook, run_pipeline
+from nycdata.study.chain import NOTEBOOK_DIR, execute_notebook, run_pipeline
 
 from conftest import CHAIN_CHIPS as CHIPS, CHAIN_SIZE as SIZE, CHAIN_TIMESTEPS as T
 
@@ -177,9 +177,9 @@ def test_00_builds_from_synthetic_sources_that_01_then_reads(tmp_path):
 def test_tim_evaluation_draws_k_thoughts_and_reports_their_spread(run, tmp_path):
     import shutil
 
-    from nycdata.evaluate import FinishedRun, test_run
-    from nycdata.train import variant_datamodule
-    from nycdata.variants import get_variant
+    from nycdata.study.evaluate import FinishedRun, test_run
+    from nycdata.study.train import variant_datamodule
+    from nycdata.model.variants import get_variant
 
     params = {**yaml.safe_load((run / "params.yaml").read_text()), "thought_samples": 3, "fold": 0}
     copy = tmp_path / "tim"

@@ -2,7 +2,7 @@
 
 from nycdata.__main__ import main
 from nycdata.params import PARAMS_DIR, load_params
-from nycdata.pipeline import notebook_steps
+from nycdata.study.chain import notebook_steps
 
 
 def test_run_rejects_misspelt_parameter(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""nycdata.stac against a fake Planetary Computer on 127.0.0.1, through the real pystac-client, odc-stac and GDAL.
+"""nycdata.sources.stac against a fake Planetary Computer on 127.0.0.1, through the real pystac-client, odc-stac and GDAL.
 
 The scene (UTM 18N, parent cells of 128 px = 1.28 km in a row P0..P3 over Brooklyn):
 
@@ -23,8 +23,8 @@ from affine import Affine
 from local_http import LocalServer, allow_only_loopback, running
 from stac_fakes import (S1Slice, S2Tile, FakeStacApi, add_dem_item, add_s1_item, add_s2_item, add_worldcover_item)
 
-from nycdata import stac
-from nycdata.fetch import S2_BANDS, OfflineError, read_manifest
+from nycdata.sources import stac
+from nycdata.sources.fetch import S2_BANDS, OfflineError, read_manifest
 
 CELL_PX, CELL = 128, 1280
 X0, Y0 = 457 * CELL, 3520 * CELL  # lower-left corner of P0
@@ -227,10 +227,10 @@ def test_files_sit_on_the_parent_grid_with_the_served_values(fetched):
 
 
 def test_built_dataset_validates_with_distinct_dates(fetched, tmp_path):
-    from nycdata import chips
-    from nycdata.build import build_dataset
+    from nycdata.data import chips
+    from nycdata.sources.build import build_dataset
     from nycdata.params import load_params
-    from nycdata.validate import validate_dataset
+    from nycdata.data.validate import validate_dataset
 
     manifest, _ = fetched
     params = load_params(overrides={"chip_size": 64, "timesteps": TIMESTEPS, "temporal_mode": "distinct",

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nycdata.classes import CLASS_NAMES, NUM_CLASSES
-from nycdata.metrics import metrics_from_confusion
-from nycdata.stats import (
+from nycdata.data.classes import CLASS_NAMES, NUM_CLASSES
+from nycdata.data.metrics import metrics_from_confusion
+from nycdata.study.stats import (
     CM_COLUMNS, fixed_class_iou, fixed_class_miou, iou_from_confusions, miou_from_confusions, paired_bootstrap,
     parent_confusions, sign_flip_test, with_gate,
 )
@@ -488,7 +488,7 @@ def _comparison(n_parents, **extra):
 
 
 def test_markdown_comparison_prints_missing_intervals_in_one_phrase_and_warns_about_few_parents():
-    from nycdata.report import few_parents_note, markdown_comparison, publish_rule_text
+    from nycdata.study.report import few_parents_note, markdown_comparison, publish_rule_text
 
     one = _comparison(1)
     table = markdown_comparison(one)
@@ -509,8 +509,8 @@ def test_model_card_verdict_and_forest_handle_missing_intervals():
     import matplotlib
 
     matplotlib.use("Agg")
-    from nycdata import plots
-    from nycdata.supplement import _verdict_text
+    from nycdata.study import plots
+    from nycdata.study.supplement import _verdict_text
 
     (name, c), = _comparison(1).items()
     c = json.loads(json.dumps(c))       # as read back from comparison.json

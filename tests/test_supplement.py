@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import yaml
 
-from nycdata.supplement import CARD_FILE, build_supplement, publish, upload_plan
+from nycdata.study.supplement import CARD_FILE, build_supplement, publish, upload_plan
 
 
 @pytest.fixture

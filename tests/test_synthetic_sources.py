@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import rasterio
 
-from nycdata.chips import S2L2A_BANDS
-from nycdata.classes import IGNORE_INDEX, WORLDCOVER_CODES
-from nycdata.fixture import NYC_BBOX_LONLAT, S1_SIGNATURES_DB, S2_SIGNATURES
-from nycdata.synthetic_sources import (
+from nycdata.data.chips import S2L2A_BANDS
+from nycdata.data.classes import IGNORE_INDEX, WORLDCOVER_CODES
+from nycdata.data.fixture import NYC_BBOX_LONLAT, S1_SIGNATURES_DB, S2_SIGNATURES
+from nycdata.sources.synthetic import (
     MANIFEST_COLUMNS, S2_BAND_RESOLUTION_M, SyntheticSourcesConfig, make_sources,
 )
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from nycdata.fixture import FixtureConfig, make_fixture
+from nycdata.data.fixture import FixtureConfig, make_fixture
 from nycdata.params import PARAMS_DIR, load_params
-from nycdata.thought_cache import (THOUGHTS_KEY, CachedThoughts, autocast, cache_root, cache_thoughts, thought_stream_seed,
+from nycdata.model.thinking import (THOUGHTS_KEY, CachedThoughts, autocast, cache_root, cache_thoughts, thought_stream_seed,
                                    tokens_to_map)
-from nycdata.tim import capture_thoughts, tim_backbone
-from nycdata.train import build_task, fine_tune, seed_everything
-from nycdata.variants import get_variant
+from nycdata.model.tim import capture_thoughts, tim_backbone
+from nycdata.study.train import build_task, fine_tune, seed_everything
+from nycdata.model.variants import get_variant
 
 B, T, SIZE = 2, 2, 32
 
@@ -90,7 +90,7 @@ def test_a_cache_made_under_other_settings_is_refused_by_name(params):
 
 
 def test_test_pass_k_reads_cached_sample_k(params):
-    from nycdata.data import NYCDataModule
+    from nycdata.data.dataset import NYCDataModule
 
     root = cache_thoughts(params, get_variant("tim_cached"), log=lambda m: None)
     datamodule = NYCDataModule.from_params({**params, "num_workers": 0}, thought_cache=str(root))
@@ -139,7 +139,7 @@ def test_online_thinking_leaves_the_global_rng_alone_and_every_random_build_shar
 
 def test_cache_check_reuses_study_cells_trains_the_rest_aside_and_reports_agreement(params, capsys):
     from nycdata.__main__ import main
-    from nycdata.cache_agreement import AGREEMENT_DIR, check_agreement
+    from nycdata.study.cache_agreement import AGREEMENT_DIR, check_agreement
 
     checked = {**params, "variant": "tim_cached", "seed": 3, "fixture": False}  # data_root holds a smaller fixture
     study_cell = fine_tune({**checked, "resume": True}, log=lambda m: None)  # the study's tim_cached cell (seed 3)
@@ -165,7 +165,7 @@ def test_cache_check_reuses_study_cells_trains_the_rest_aside_and_reports_agreem
 
 
 def test_cache_check_names_the_variants_it_can_compare(params):
-    from nycdata.cache_agreement import cached_pair, check_agreement
+    from nycdata.study.cache_agreement import cached_pair, check_agreement
 
     with pytest.raises(ValueError, match="no cached twin.*tim, tim_ndvi, tim_s1"):
         cached_pair("baseline")
@@ -174,7 +174,7 @@ def test_cache_check_names_the_variants_it_can_compare(params):
 
 
 def test_prediction_interval_is_the_student_t_interval_for_one_more_draw():
-    from nycdata.cache_agreement import prediction_interval
+    from nycdata.study.cache_agreement import prediction_interval
 
     result = prediction_interval([0.1, 0.2, 0.3], 0.95)
     half = 4.302652729911275 * 0.1 * (4 / 3) ** 0.5  # t(0.975, 2 df) * sd * sqrt(1 + 1/n)

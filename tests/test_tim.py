@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from nycdata.classes import IGNORE_INDEX, NUM_CLASSES
+from nycdata.data.classes import IGNORE_INDEX, NUM_CLASSES
 from nycdata.params import PARAMS_DIR, load_params
-from nycdata.tim import ESRI_LULC_CLASSES, ESRI_TO_CLASS, capture_thoughts, decode_lulc, esri_to_class, tim_backbone
-from nycdata.train import build_task, seed_everything
-from nycdata.variants import VARIANTS, get_variant, variant_model_args
-from nycdata.weights import GeneratorNotLoaded, verify_generator
+from nycdata.model.tim import ESRI_LULC_CLASSES, ESRI_TO_CLASS, capture_thoughts, decode_lulc, esri_to_class, tim_backbone
+from nycdata.study.train import build_task, seed_everything
+from nycdata.model.variants import VARIANTS, get_variant, variant_model_args
+from nycdata.model.weights import GeneratorNotLoaded, verify_generator
 
 B, T, SIZE = 2, 2, 32
 
@@ -41,7 +41,7 @@ def test_every_variant_builds_and_trains_one_step(params, name):
     assert variant_model_args(params, variant)["backbone_modalities"] == list(variant.backbone_modalities)
     x = _batch(variant.backbone_modalities)
     if variant.cached:
-        from nycdata.thought_cache import THOUGHTS_KEY, tokens_to_map
+        from nycdata.model.thinking import THOUGHTS_KEY, tokens_to_map
 
         x[THOUGHTS_KEY] = tokens_to_map(torch.randint(0, 4000, (B, 1, T, SIZE // 16, SIZE // 16)))
     logits = task.model(x).output
@@ -70,7 +70,7 @@ def test_capture_returns_the_tokens_and_changes_nothing(tim_task):
     plain = tim_task.model(x).output
     seed_everything(3)
     sampler = tim_backbone(tim_task.model).sampler
-    before = sampler.generate  # nycdata.tim.isolate_thought_rng's wrapper
+    before = sampler.generate  # nycdata.model.tim.isolate_thought_rng's wrapper
     with capture_thoughts(tim_task.model) as capture:
         captured = tim_task.model(x).output
     assert torch.equal(plain, captured)
@@ -106,7 +106,7 @@ def test_crosswalk_covers_every_terramind_class():
 
 
 def test_the_unused_tokenizer_is_built_only_to_decode_and_never_trains_or_checkpoints(params):
-    from nycdata.tim import thought_tokenizer
+    from nycdata.model.tim import thought_tokenizer
 
     task = build_task(params, get_variant("tim"))
     assert not any("tokenizer" in n for n, _ in task.named_parameters()), "no tokenizer in the model"
@@ -194,9 +194,9 @@ def test_offline_cache_miss_names_repo_file_and_command(params, tmp_path, monkey
 
 
 def test_tim_input_generates_lulc_once_and_reads_it_as_a_fourth_input(params, tmp_path):
-    from nycdata.fixture import FixtureConfig, make_fixture
-    from nycdata.generated import DONE_FILE, generated_root
-    from nycdata.train import variant_datamodule
+    from nycdata.data.fixture import FixtureConfig, make_fixture
+    from nycdata.model.generated import DONE_FILE, generated_root
+    from nycdata.study.train import variant_datamodule
 
     data = make_fixture(tmp_path / "data", FixtureConfig(chips=9, size=32, timesteps=T, seed=4))
     run_params = {**params, "data_root": str(data), "output_root": str(tmp_path / "out"), "run_name": "g", "cv_folds": 0}
@@ -218,13 +218,13 @@ def test_tim_input_generates_lulc_once_and_reads_it_as_a_fourth_input(params, tm
 # --- matched arms: what trains, what stays frozen, what starts equal
 
 def _embedding_names(task, trainable: bool) -> set[str]:
-    from nycdata.tim import input_embeddings
+    from nycdata.model.tim import input_embeddings
 
     return {n for n, p in input_embeddings(task.model).named_parameters() if p.requires_grad == trainable}
 
 
 def _thought_names(task) -> set[str]:
-    from nycdata.tim import thought_embedding_keys
+    from nycdata.model.tim import thought_embedding_keys
 
     return {n for n in _embedding_names(task, True) | _embedding_names(task, False)
             if n.split(".")[0] in thought_embedding_keys(task.model)}
@@ -236,7 +236,7 @@ def test_tim_trains_the_baseline_input_embeddings_and_adds_only_the_thought_embe
     assert thought == {"tok_lulc@224.mod_emb", "tok_lulc@224.token_emb.weight"}
     assert _embedding_names(tim_task, True) == _embedding_names(baseline, True) | thought
     assert len(_embedding_names(baseline, True)) == 6 and not _embedding_names(tim_task, False)
-    from nycdata.tim import embeddings_shared_with_generator
+    from nycdata.model.tim import embeddings_shared_with_generator
 
     assert embeddings_shared_with_generator(tim_task.model) == 0, "the generator holds its own copy"
 
@@ -244,7 +244,7 @@ def test_tim_trains_the_baseline_input_embeddings_and_adds_only_the_thought_embe
 def test_upstream_sharing_and_baseline_frozen_embed_freeze_exactly_what_terratorch_freezes(params):
     from terratorch.models import EncoderDecoderFactory
 
-    from nycdata.tim import embeddings_shared_with_generator
+    from nycdata.model.tim import embeddings_shared_with_generator
 
     upstream = EncoderDecoderFactory().build_model(task="segmentation", **variant_model_args(params, get_variant("tim")))
     upstream_frozen = {n.split("encoder_embeddings.", 1)[1] for n, p in upstream.named_parameters()
@@ -263,7 +263,7 @@ def test_upstream_sharing_and_baseline_frozen_embed_freeze_exactly_what_terrator
 def test_the_generator_keeps_its_copy_equal_to_the_checkpoint_while_the_encoder_trains(params, raw_checkpoint):
     from terratorch.models.backbones.terramind.model.terramind_register import checkpoint_filter_fn_tim
 
-    from nycdata.tim import input_embeddings
+    from nycdata.model.tim import input_embeddings
 
     task = build_task(params, get_variant("tim"))
     backbone = tim_backbone(task.model)
@@ -284,7 +284,7 @@ def test_the_generator_keeps_its_copy_equal_to_the_checkpoint_while_the_encoder_
 def test_every_arm_starts_with_the_same_decoder_and_head_for_one_seed(params):
     from terratorch.models import encoder_decoder_factory
 
-    assert callable(encoder_decoder_factory._get_backbone), "nycdata.model patches this terratorch function"
+    assert callable(encoder_decoder_factory._get_backbone), "nycdata.model.factory patches this terratorch function"
     heads = []
     for name in ("baseline", "tim", "tim_cached", "baseline_frozen_embed"):
         seed_everything(4)

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from nycdata.fixture import FixtureConfig, make_fixture
+from nycdata.data.fixture import FixtureConfig, make_fixture
 from nycdata.params import PARAMS_DIR, load_params
 from nycdata.params import cell_dir
-from nycdata.train import fine_tune, read_epoch_metrics
+from nycdata.study.train import fine_tune, read_epoch_metrics
 
 
 class Interrupt(RuntimeError):

@@ -9,8 +9,8 @@ import pytest
 import rasterio
 from affine import Affine
 
-from nycdata import chips
-from nycdata.validate import ChipError, Problem, inspect_chip, read_chip, validate_dataset
+from nycdata.data import chips
+from nycdata.data.validate import ChipError, Problem, inspect_chip, read_chip, validate_dataset
 
 INDEX = chips.INDEX_FILE
 
@@ -29,7 +29,7 @@ def _path(data_dir, cid, modality):
 
 
 def _rewrite(path, array=None, crs=None, transform=None):
-    """Rewrite a GeoTIFF with ``nycdata.chips.write_raster``, keeping what is not given."""
+    """Rewrite a GeoTIFF with ``nycdata.data.chips.write_raster``, keeping what is not given."""
     with rasterio.open(path) as src:
         old, old_crs, old_transform = src.read(), src.crs, src.transform
     array = old if array is None else array

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from nycdata.classes import IGNORE_INDEX
+from nycdata.data.classes import IGNORE_INDEX
 
 PATCH_SIZE = 16
 
@@ -35,7 +35,7 @@ ESRI_LULC_COLOURS: tuple[str, ...] = (
     "#000000", "#1a5bab", "#358221", "#87d19e", "#ffdb5c",
     "#ed022a", "#ede9e4", "#f2faff", "#c8c8c8", "#c6ad8d",
 )
-# ESRI class -> our class, following the WorldCover crosswalk of nycdata.classes:
+# ESRI class -> our class, following the WorldCover crosswalk of nycdata.data.classes:
 # flooded vegetation ~ herbaceous wetland -> water; crops and rangeland
 # (grass-dominated) -> herbaceous; snow/ice -> other; clouds and no data -> ignore.
 ESRI_TO_CLASS: dict[int, int] = {0: IGNORE_INDEX, 1: 0, 2: 2, 3: 0, 4: 3, 5: 1, 6: 4, 7: 4, 8: IGNORE_INDEX, 9: 3}
@@ -258,7 +258,7 @@ def isolate_thought_rng(model: torch.nn.Module, thought_seed: int = 0) -> bool:
     same seed. Under ``torch.random.fork_rng`` the global stream is left as it was: runs with one seed then
     differ only in their thoughts, which stay a function of the seed (through ``random``) and ``thought_seed``.
     """
-    from nycdata.thought_cache import CachedThoughts
+    from nycdata.model.thinking import CachedThoughts
 
     backbone = tim_backbone(model)
     if backbone is None or isinstance(backbone.sampler, CachedThoughts):
@@ -347,7 +347,7 @@ def thought_agreement(thought_classes: np.ndarray, truth: np.ndarray) -> dict:
 
     ``thought_classes [N, T, H, W]`` is compared with ``truth [N, H, W]`` at every timestep.
     """
-    from nycdata.metrics import confusion_matrix, metrics_from_confusion
+    from nycdata.data.metrics import confusion_matrix, metrics_from_confusion
 
     truth_t = np.broadcast_to(truth[:, None], thought_classes.shape)
     defined = thought_classes != IGNORE_INDEX

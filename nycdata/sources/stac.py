@@ -54,10 +54,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from nycdata.fetch import (MANIFEST_NAME, NYC_BBOX, S1_BANDS, S2_BANDS, Log, _check_bbox, _is_connection_error, _retry,
+from nycdata.sources.fetch import (MANIFEST_NAME, NYC_BBOX, S1_BANDS, S2_BANDS, Log, _check_bbox, _is_connection_error, _retry,
                            _safe_name, _Transient, normalise_baseline, parse_processing_baseline, read_manifest,
                            write_manifest)
-from nycdata.fetch_plan import PlannedFile, fetched_table, human_bytes, plan_table, raster_bytes
+from nycdata.sources.plan import PlannedFile, fetched_table, human_bytes, plan_table, raster_bytes
 
 PLANETARY_COMPUTER = "https://planetarycomputer.microsoft.com/api/stac/v1"
 SOURCE = "planetary-computer"
@@ -193,7 +193,7 @@ def _check_assets(item, keys: Iterable[str]) -> None:
     missing = [k for k in keys if k not in item.assets]
     if missing:
         raise ValueError(f"STAC item {item.id!r} ({item.collection_id}) lacks asset(s) {missing}; it has "
-                         f"{sorted(item.assets)}. The collection's asset names changed: update nycdata/stac.py")
+                         f"{sorted(item.assets)}. The collection's asset names changed: update nycdata/sources/stac.py")
 
 
 def _cloud(item) -> float:

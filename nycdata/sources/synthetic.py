@@ -1,6 +1,6 @@
 """Synthetic *raw source files* plus their ``sources.csv`` manifest, for testing the builder offline.
 
-:mod:`nycdata.fixture` writes finished chips; this module writes what the
+:mod:`nycdata.data.fixture` writes finished chips; this module writes what the
 builder (``python -m nycdata build SOURCES.csv OUT_DIR``) starts from: per-parent
 Sentinel-2 L2A and Sentinel-1 RTC scenes, a DEM and one WorldCover map, with the
 mess real downloads have, so the whole chain can be tested without network:
@@ -20,7 +20,7 @@ mess real downloads have, so the whole chain can be tested without network:
 - parents may sit in different UTM zones (``zone_override``).
 
 Class signatures (S2 reflectance, S1 dB, DEM offsets) and the blob label maps
-come from :mod:`nycdata.fixture`, so the data are learnable the same way.
+come from :mod:`nycdata.data.fixture`, so the data are learnable the same way.
 
 Layout of ``out_dir``::
 
@@ -74,14 +74,14 @@ from pathlib import Path
 
 import numpy as np
 
-from nycdata.chips import S1RTC_BANDS, S2L2A_BANDS
-from nycdata.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
-from nycdata.fixture import (
+from nycdata.data.chips import S1RTC_BANDS, S2L2A_BANDS
+from nycdata.data.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
+from nycdata.data.fixture import (
     DEM_OFFSET_M, NYC_BBOX_LONLAT, S1_SIGNATURES_DB, S2_RED_EDGE_TO_NIR, S2_SIGNATURES, _blob_labels, _smooth_field,
 )
 from nycdata.io import replace_dir_atomically
 
-from nycdata.sources import ALL_PARENTS, MANIFEST_COLUMNS, MANIFEST_FILE, OFFSET_DATE  # noqa: E402  (re-exported)
+from nycdata.sources.manifest import ALL_PARENTS, MANIFEST_COLUMNS, MANIFEST_FILE, OFFSET_DATE  # noqa: E402  (re-exported)
 WORLDCOVER_PATH = "worldcover/worldcover.tif"
 
 PIXEL_SIZE_M = 10.0

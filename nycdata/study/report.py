@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from nycdata.classes import CLASS_NAMES
-from nycdata.evaluate import COMPARISON_FILE, PER_CHIP_FILE, variant_metrics
-from nycdata.stats import FEW_PARENTS, PUBLISH_RULES, check_publish_rule, interval_text
+from nycdata.data.classes import CLASS_NAMES
+from nycdata.study.evaluate import COMPARISON_FILE, PER_CHIP_FILE, variant_metrics
+from nycdata.study.stats import FEW_PARENTS, PUBLISH_RULES, check_publish_rule, interval_text
 
 SUMMARY_FILE = "summary.md"
 RESULTS_FILE = "results.csv"
@@ -105,8 +105,8 @@ def write_figures(root: Path, per_chip: pd.DataFrame, comparison: dict) -> list[
     """Forest plot, per-class deltas and (when 05 ran) per-chip TiM gain against thought agreement."""
     import matplotlib.pyplot as plt
 
-    from nycdata import plots
-    from nycdata.evaluate import per_chip_gain
+    from nycdata.study import plots
+    from nycdata.study.evaluate import per_chip_gain
 
     figures = root / "figures"
     figures.mkdir(exist_ok=True)

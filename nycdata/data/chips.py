@@ -18,7 +18,7 @@ per-modality folders and ``<id>_<MOD>.tif`` names follow terratorch's
 The chip index has one row per chip with columns ``chip_id``, ``parent_id``,
 ``split`` (train/val/test), ``row``/``col`` within the parent, ``crs`` (the
 chip's own CRS), ``dates`` (ISO date per timestep, ``|``-separated),
-``count_<class>`` pixel counts (see :mod:`nycdata.classes`) plus
+``count_<class>`` pixel counts (see :mod:`nycdata.data.classes`) plus
 ``count_ignore``, ``path_<MOD>`` relative to DATA_DIR, and the footprint
 ``geometry`` in EPSG:4326, the one CRS that fits chips from any UTM zone.
 """
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nycdata.classes import CLASS_NAMES
+from nycdata.data.classes import CLASS_NAMES
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nycdata import chips
-from nycdata.classes import IGNORE_INDEX, NUM_CLASSES, class_counts
+from nycdata.data import chips
+from nycdata.data.classes import IGNORE_INDEX, NUM_CLASSES, class_counts
 from nycdata.io import replace_dir_atomically
-from nycdata.sources import NYC_BBOX
+from nycdata.sources.manifest import NYC_BBOX
 
 NYC_BBOX_LONLAT = NYC_BBOX
 UTM_CRS = "EPSG:32618"
@@ -76,7 +76,7 @@ def ensure_fixture(data_dir: Path, config: FixtureConfig) -> Path:
     spec_path = Path(data_dir) / chips.SPEC_FILE
     if spec_path.is_file():
         source = chips.DatasetSpec.read(data_dir).source
-        if source.get("generator") == "nycdata.fixture" and source.get("config") == _config_dict(config):
+        if source.get("generator") == "nycdata.data.fixture" and source.get("config") == _config_dict(config):
             return Path(data_dir)
         raise FileExistsError(
             f"{data_dir} holds a dataset that is not the fixture these params ask for "
@@ -101,7 +101,7 @@ def _write_fixture(out_dir: Path, config: FixtureConfig) -> None:
     chips.write_index(out_dir, index)
     spec = chips.DatasetSpec(
         chip_size=config.size, timesteps=config.timesteps,
-        source={"generator": "nycdata.fixture", "config": _config_dict(config)},
+        source={"generator": "nycdata.data.fixture", "config": _config_dict(config)},
     )
     spec.write(out_dir)
 

@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nycdata import chips
-from nycdata.classes import CLASS_NAMES, NUM_CLASSES
+from nycdata.data import chips
+from nycdata.data.classes import CLASS_NAMES, NUM_CLASSES
 from nycdata.io import write_json
-from nycdata.metrics import CM_COLUMNS, metrics_from_confusion, per_chip_confusion
+from nycdata.data.metrics import CM_COLUMNS, metrics_from_confusion, per_chip_confusion
 from nycdata.params import resolve_path, run_root
-from nycdata.train import SUMMARY_FILE, NYCSegmentationTask, seed_everything, training_device, variant_datamodule
-from nycdata.variants import COMPARISONS, get_variant
+from nycdata.study.train import SUMMARY_FILE, NYCSegmentationTask, seed_everything, training_device, variant_datamodule
+from nycdata.model.variants import COMPARISONS, get_variant
 
 TEST_METRICS_FILE = "test_metrics.json"
 PER_CHIP_FILE = "per_chip.csv"
@@ -186,8 +186,8 @@ def compare(per_chip: pd.DataFrame, n_boot: int = 2000, publish_rule: str = "del
     (e.g. upstream TiM's frozen input embeddings against a baseline that trains them): it is reported with the
     difference and never published. Controls (freezing alone) get no verdict.
     """
-    from nycdata.stats import paired_bootstrap, with_gate
-    from nycdata.variants import CONTROLS
+    from nycdata.study.stats import paired_bootstrap, with_gate
+    from nycdata.model.variants import CONTROLS
 
     table = variant_metrics(per_chip)
     result = {}

@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from nycdata import chips
+from nycdata.data import chips
 from nycdata.io import replace_dir_atomically, write_json
 from nycdata.params import resolve_path, run_root
 
@@ -48,9 +48,9 @@ def build_generator(params: Mapping, modalities) -> torch.nn.Module:
 @torch.no_grad()
 def generate_lulc(params: Mapping, variant, log: Callable[[str], None] = print) -> Path:
     """Generate LULC for every chip of the dataset once from ``variant``'s inputs; reuse a finished generation."""
-    from nycdata.data import ChipDataset
-    from nycdata.tim import check_generator
-    from nycdata.train import seed_everything
+    from nycdata.data.dataset import ChipDataset
+    from nycdata.model.tim import check_generator
+    from nycdata.study.train import seed_everything
 
     root = generated_root(params)
     if (root / DONE_FILE).is_file():

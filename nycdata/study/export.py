@@ -4,7 +4,7 @@ The seed's reproduction path: ``terratorch fit --config config.yaml`` and
 ``terratorch test --config config.yaml --ckpt_path ...``. The config names
 nycdata's DataModule and task classes, so the same data, model, loss,
 optimiser, scheduler and callbacks are used. (The TiM generator-weight check
-of ``nycdata.train.build_task`` does not run on this path.)
+of ``nycdata.study.train.build_task`` does not run on this path.)
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Mapping
 import yaml
 
 from nycdata.params import resolve_path
-from nycdata.data import split_kwargs
+from nycdata.data.dataset import split_kwargs
 from nycdata.params import cell_dir
-from nycdata.train import MONITOR, task_kwargs
-from nycdata.variants import get_variant
+from nycdata.study.train import MONITOR, task_kwargs
+from nycdata.model.variants import get_variant
 
 
 def lightning_config(params: Mapping) -> dict:
@@ -37,21 +37,21 @@ def lightning_config(params: Mapping) -> dict:
                                "mode": "min", "save_top_k": 1, "save_last": True}},
                 {"class_path": "lightning.pytorch.callbacks.EarlyStopping",
                  "init_args": {"monitor": MONITOR, "mode": "min", "patience": params["early_stopping_patience"]}},
-                {"class_path": "nycdata.train.BatchSeeds", "init_args": {"seed": params["seed"]}},
+                {"class_path": "nycdata.study.train.BatchSeeds", "init_args": {"seed": params["seed"]}},
             ],
         },
-        "data": {"class_path": "nycdata.data.NYCDataModule", "init_args": {
+        "data": {"class_path": "nycdata.data.dataset.NYCDataModule", "init_args": {
             "data_root": str(resolve_path(params["data_root"])), "modalities": list(variant.modalities),
             "batch_size": params["batch_size"], "num_workers": params["num_workers"], "augment": params["augment"],
             "normalization": params["normalization"], "seed": params["seed"], **split_kwargs(params),
             **_generated_input(params, variant)}},
-        "model": {"class_path": "nycdata.train.NYCSegmentationTask", "init_args": task_kwargs(params, variant)},
+        "model": {"class_path": "nycdata.study.train.NYCSegmentationTask", "init_args": task_kwargs(params, variant)},
     }
 
 
 def _generated_input(params: Mapping, variant) -> dict:
     """tim_input reads LULC that `python -m nycdata run` (or notebook 03) generated into the run folder."""
-    from nycdata.generated import generated_root
+    from nycdata.model.generated import generated_root
 
     return {"generated_root": str(generated_root(params))} if variant.generated else {}
 

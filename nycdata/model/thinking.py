@@ -7,7 +7,7 @@ reads), on the training accelerator under the training precision, and stores the
 ``<run>/thought_cache/<variant>/<chip_id>.npy`` (``[8, samples, T, h, w]`` int16, a few KB). A ``*_cached``
 variant's TiM backbone then reads those ids from the batch (``image["THOUGHTS"]``) instead of calling the
 generator, which is not even kept in the model: :class:`CachedThoughts` takes its place. Training reads one
-sample per chip and epoch, drawn by :class:`nycdata.data.EpochDraws`, so the model does not see one frozen
+sample per chip and epoch, drawn by :class:`nycdata.data.dataset.EpochDraws`, so the model does not see one frozen
 thought for every epoch.
 
 Thought sampling is seeded per (chip, sample, ``thought_seed``), the 8 transforms of one chip being one batch:
@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import torch
 
-from nycdata import chips
+from nycdata.data import chips
 from nycdata.io import replace_dir_atomically, write_json
 from nycdata.params import resolve_path, run_root
 
@@ -75,7 +75,7 @@ def _take_thoughts(module, args, kwargs):
 
 def use_cached_thoughts(model: torch.nn.Module) -> None:
     """Swap the TiM generator of ``model`` for :class:`CachedThoughts` (one thought modality)."""
-    from nycdata.tim import tim_backbone
+    from nycdata.model.tim import tim_backbone
 
     backbone = tim_backbone(model)
     if backbone is None or len(backbone.tim_modalities) != 1:
@@ -108,8 +108,8 @@ def cache_identity(params: Mapping, online) -> dict:
 
 def generator_identity(params: Mapping) -> dict:
     """The generator's weights: the checkpoint file and its checksum, or the shared random generator."""
-    from nycdata import weights
-    from nycdata.tim import RANDOM_GENERATOR_SEED
+    from nycdata.model import weights
+    from nycdata.model.tim import RANDOM_GENERATOR_SEED
 
     source = None if params["tim_random_generator"] else weights.generator_source(params)
     if source is None:
@@ -129,9 +129,9 @@ def check_identity(root: Path, expected: dict) -> None:
 
 def cache_thoughts(params: Mapping, variant, log: Callable[[str], None] = print) -> Path:
     """Generate (once) the thoughts a ``*_cached`` variant reads; reuse a finished cache made under the same settings."""
-    from nycdata.data import ChipDataset
-    from nycdata.train import build_task, training_device
-    from nycdata.variants import get_variant
+    from nycdata.data.dataset import ChipDataset
+    from nycdata.study.train import build_task, training_device
+    from nycdata.model.variants import get_variant
 
     root, online = cache_root(params, variant), get_variant(variant.online)
     identity = cache_identity(params, online)
@@ -161,8 +161,8 @@ def cache_thoughts(params: Mapping, variant, log: Callable[[str], None] = print)
 @torch.no_grad()
 def think_chip(task, sample: dict, samples: int, thought_seed: int, precision: str = "32-true") -> np.ndarray:
     """Thought ids ``[8, samples, T, h, w]`` of one chip: its 8 D4 transforms in one batch, one generation per sample."""
-    from nycdata.data import D4_TRANSFORMS, d4_transform
-    from nycdata.tim import capture_thoughts, tim_backbone
+    from nycdata.data.dataset import D4_TRANSFORMS, d4_transform
+    from nycdata.model.tim import capture_thoughts, tim_backbone
 
     device = next(task.model.parameters()).device
     modality = tim_backbone(task.model).tim_modalities[0]

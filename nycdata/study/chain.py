@@ -16,14 +16,14 @@ from typing import Callable, Mapping
 
 import yaml
 
-from nycdata import chips
-from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir, resolve_path, run_root
+from nycdata.data import chips
+from nycdata.params import REPO_ROOT, TRAIN_SUMMARY_FILE, cell_dir, resolve_path, run_root
 
 
 def prepare_dataset(params: Mapping, log: Callable[[str], None] = print, validate: bool = True) -> Path:
     """Return the dataset directory of ``params`` (validated unless told not to), generating the fixture if asked to."""
-    from nycdata.fixture import FixtureConfig, ensure_fixture
-    from nycdata.validate import validate_dataset
+    from nycdata.data.fixture import FixtureConfig, ensure_fixture
+    from nycdata.data.validate import validate_dataset
 
     data_root = resolve_path(params["data_root"])
     if params["fixture"]:
@@ -46,7 +46,7 @@ def prepare_dataset(params: Mapping, log: Callable[[str], None] = print, validat
     return data_root
 
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Step:
 
 def notebook_steps(params: Mapping) -> list[Step]:
     """01, 02, 03 for every fold x seed x variant (the study grid), 04, and 05 when a LULC-thinking ``tim`` run is part of it."""
-    from nycdata.variants import get_variant
+    from nycdata.model.variants import get_variant
 
     variants = [get_variant(v).name for v in params["variants"]]
     seeds = list(params["seeds"])
@@ -119,7 +119,7 @@ def run_pipeline(params: Mapping, overwrite: bool = False, resume: bool = False,
     study) an existing folder is continued: finished steps are skipped, an interrupted fine-tune resumes from
     its ``last.ckpt``, and 04/05 run again only when a fine-tune ran.
     """
-    from nycdata.report import write_summary
+    from nycdata.study.report import write_summary
 
     root = run_root(params)
     steps = notebook_steps(params)  # unknown variants or bad seeds fail before anything runs

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Sequence
 
-from nycdata.classes import NUM_CLASSES
+from nycdata.data.classes import NUM_CLASSES
 
 MODEL_SIZES = ("tiny", "small", "base", "large")
 NECK_INDICES = {"tiny": [2, 5, 8, 11], "small": [2, 5, 8, 11], "base": [2, 5, 8, 11], "large": [5, 11, 17, 23]}

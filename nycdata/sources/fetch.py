@@ -15,16 +15,16 @@ Sources, each a function with its exact command in its docstring:
   parent, so build it with ``temporal_mode: replicate`` (``params/original.yaml``).
   Cells are chosen once from the S2 metadata; S1 and DEM follow by grid cell.
 * :func:`fetch_worldcover` -- ESA WorldCover 2021 v200 label tiles.
-* the default, multi-date chain lives in :mod:`nycdata.stac` (Planetary
+* the default, multi-date chain lives in :mod:`nycdata.sources.stac` (Planetary
   Computer: S2 dates over the season, S1 matched to them, DEM, WorldCover).
 
 All are resumable: files already on disk are skipped, HTTP downloads
 continue from their ``.part`` file, and :func:`write_manifest` merges with an
 existing ``sources.csv`` instead of duplicating rows. ``dry_run=True``
 (:func:`fetch_majortom`, :func:`fetch_worldcover`) logs the plan -- cells,
-dates, products, cloud, estimated sizes (:func:`nycdata.fetch_plan.plan_table`)
+dates, products, cloud, estimated sizes (:func:`nycdata.sources.plan.plan_table`)
 -- and writes nothing; a real fetch logs bytes as they come and ends with
-:func:`nycdata.fetch_plan.fetched_table`.
+:func:`nycdata.sources.plan.fetched_table`.
 
 ``sources.csv`` (one row per file; every value is text, empty = unknown/none):
 
@@ -63,8 +63,8 @@ from urllib.parse import unquote
 
 import pandas as pd
 
-from nycdata.fetch_plan import ByteProgress, PlannedFile, fetched_table, human_bytes, plan_table, raster_bytes
-from nycdata.sources import ALL_PARENTS, MANIFEST_COLUMNS, MANIFEST_FILE, MODALITY_BANDS, NYC_BBOX, SOURCE_MODALITIES
+from nycdata.sources.plan import ByteProgress, PlannedFile, fetched_table, human_bytes, plan_table, raster_bytes
+from nycdata.sources.manifest import ALL_PARENTS, MANIFEST_COLUMNS, MANIFEST_FILE, MODALITY_BANDS, NYC_BBOX, SOURCE_MODALITIES
 
 Log = Callable[[str], None]
 
@@ -597,7 +597,7 @@ def read_majortom_metadata(path: str | Path, collection: str) -> pd.DataFrame:
     missing = [c for c in MAJORTOM_NEEDED_COLUMNS[collection] if c not in names]
     if missing:
         raise ValueError(f"{MAJORTOM_ORG}/{collection} metadata.parquet ({path}) lacks column(s) {missing}; it has "
-                         f"{names}. If Major-TOM renamed them, update MAJORTOM_NEEDED_COLUMNS in nycdata/fetch.py")
+                         f"{names}. If Major-TOM renamed them, update MAJORTOM_NEEDED_COLUMNS in nycdata/sources/fetch.py")
     return pd.read_parquet(path, columns=list(MAJORTOM_NEEDED_COLUMNS[collection]))
 
 
@@ -940,7 +940,7 @@ def fetch_majortom(out_dir: str | Path, bbox: Sequence[float] = NYC_BBOX, start:
 
     Command (on a machine with internet; nothing is fetched with ``HF_HUB_OFFLINE=1``)::
 
-        python -c "from nycdata.fetch import fetch_majortom; fetch_majortom('data/raw')"
+        python -c "from nycdata.sources.fetch import fetch_majortom; fetch_majortom('data/raw')"
 
     Major-TOM Core holds each 10 km grid cell once: one S2 product and one S1 product of an unrelated date per
     cell, so it gives one date per parent (build with ``temporal_mode: replicate``). Cells are chosen once from
@@ -1064,7 +1064,7 @@ def fetch_worldcover(out_dir: str | Path, bbox: Sequence[float] = NYC_BBOX, log:
 
     Command (needs internet)::
 
-        python -c "from nycdata.fetch import fetch_worldcover; fetch_worldcover('data/raw')"
+        python -c "from nycdata.sources.fetch import fetch_worldcover; fetch_worldcover('data/raw')"
 
     Tiles (:func:`worldcover_tiles`; NYC: ``N39W075``) come from the public
     bucket, ``url_template`` (default :data:`WORLDCOVER_URL`; ``{tile}`` is

@@ -1,4 +1,4 @@
-"""Every figure of the package; label maps always use the colours of :mod:`nycdata.classes`."""
+"""Every figure of the package; label maps always use the colours of :mod:`nycdata.data.classes`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from nycdata.classes import CLASS_COLOURS, CLASS_NAMES, colormap, legend_handles
+from nycdata.data.classes import CLASS_COLOURS, CLASS_NAMES, colormap, legend_handles
 
 S2_RGB = (3, 2, 1)  # B04, B03, B02 within a timestep
 
@@ -110,7 +110,7 @@ def thought_panel(rgb_image, truth, esri_map, thought_classes, tokens, predictio
     """S2 RGB, ground truth, decoded thought (ESRI legend), thought in our classes, token grid, predictions."""
     from matplotlib.colors import ListedColormap
 
-    from nycdata.tim import ESRI_LULC_CLASSES, ESRI_LULC_COLOURS
+    from nycdata.model.tim import ESRI_LULC_CLASSES, ESRI_LULC_COLOURS
 
     n = 5 + len(predictions)
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0))
@@ -134,7 +134,7 @@ def thought_panel(rgb_image, truth, esri_map, thought_classes, tokens, predictio
 
 def _forest_row(ax, y: float, centre: float, interval, marker: str, colour: str, label) -> None:
     """One point with its interval bar, or the point alone marked "no interval" when the interval is missing."""
-    from nycdata.stats import present_interval
+    from nycdata.study.stats import present_interval
 
     present = present_interval(interval)
     ax.plot(centre, y, marker=marker, color=colour, linestyle="none", label=label)

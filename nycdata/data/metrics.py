@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from nycdata.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from nycdata.data.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 
 # Column names of a flattened confusion matrix in per_chip.csv: cm_<true>_<predicted>.
 CM_COLUMNS = [f"cm_{t}_{p}" for t in range(NUM_CLASSES) for p in range(NUM_CLASSES)]

@@ -18,8 +18,8 @@ from typing import Mapping
 
 import torch
 
-from nycdata.tim import generator_tensor_count, tim_backbone
-from nycdata.variants import Variant
+from nycdata.model.tim import generator_tensor_count, tim_backbone
+from nycdata.model.variants import Variant
 
 DOWNLOAD_COMMAND = "python -m nycdata download-weights -f params/nyc.yaml"
 

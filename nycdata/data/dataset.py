@@ -4,7 +4,7 @@ A thin Dataset over rasterio rather than terratorch's
 ``GenericMultiModalDataModule``: the static DEM must be repeated over T
 (the generic module's ``expand_temporal_dimension`` cannot), splits come from
 the chip index rather than split text files, and every read goes through
-:func:`nycdata.validate.read_chip`, so a bad chip raises one error naming the
+:func:`nycdata.data.validate.read_chip`, so a bad chip raises one error naming the
 chip and file instead of a rasterio or collate traceback.
 
 Batches: ``{"image": {mod: [B, C, T, H, W] float32}, "mask": [B, H, W] int64
@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from nycdata import chips
-from nycdata.generated import read_generated
+from nycdata.data import chips
+from nycdata.model.generated import read_generated
 from nycdata.io import atomic_write_text
 from nycdata.params import resolve_path, run_root
-from nycdata.thought_cache import THOUGHTS_KEY, cached_sample_count, read_thoughts
-from nycdata.validate import read_chip
+from nycdata.model.thinking import THOUGHTS_KEY, cached_sample_count, read_thoughts
+from nycdata.data.validate import read_chip
 
 # TerraMind v1 pretraining statistics (S1RTC in dB, DEM in metres).
 TERRAMIND_V1_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -75,8 +75,8 @@ class ChipDataset(Dataset):
                  normalization: str = "terramind_v1", generated_root: str | Path | None = None,
                  thought_cache: str | Path | None = None, splits: chips.SplitSpec = chips.SplitSpec()):
         self.data_root = Path(data_root)
-        self.generated_root = Path(generated_root) if generated_root else None  # LULC made by nycdata.generated
-        self.thought_cache = Path(thought_cache) if thought_cache else None  # ids made by nycdata.thought_cache
+        self.generated_root = Path(generated_root) if generated_root else None  # LULC made by nycdata.model.generated
+        self.thought_cache = Path(thought_cache) if thought_cache else None  # ids made by nycdata.model.thinking
         self.thought_samples = cached_sample_count(self.thought_cache) if self.thought_cache else 0
         self.spec = chips.DatasetSpec.read(self.data_root)
         missing = [m for m in modalities if m not in self.spec.modalities]

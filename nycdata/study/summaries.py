@@ -11,10 +11,10 @@ import pandas as pd
 import rasterio
 import torch
 
-from nycdata import chips
-from nycdata.classes import CLASS_NAMES
-from nycdata.data import TERRAMIND_V1_STATS
-from nycdata.sources import OFFSET_DATE
+from nycdata.data import chips
+from nycdata.data.classes import CLASS_NAMES
+from nycdata.data.dataset import TERRAMIND_V1_STATS
+from nycdata.sources.manifest import OFFSET_DATE
 
 
 def split_sizes(index) -> pd.DataFrame:
@@ -43,7 +43,7 @@ def fold_sizes(roles: pd.DataFrame) -> pd.DataFrame:
 
 
 def data_summary(index, spec: chips.DatasetSpec, roles: pd.DataFrame | None = None) -> dict:
-    """The dataset in numbers; with cross-validation ``roles`` (:func:`nycdata.chips.fold_roles`), the folds too."""
+    """The dataset in numbers; with cross-validation ``roles`` (:func:`nycdata.data.chips.fold_roles`), the folds too."""
     pixels = class_pixels(index)
     fractions = pixels[list(CLASS_NAMES)].div(pixels[list(CLASS_NAMES)].sum(axis=1), axis=0)
     sizes = None if roles is None else fold_sizes(roles)
@@ -71,7 +71,7 @@ def parameter_groups(model: torch.nn.Module) -> pd.DataFrame:
     is counted once, in the encoder's group, with ``shared_with_generator`` saying so. Every row is present
     (zeros for a plain backbone), so tables of different variants line up.
     """
-    from nycdata.tim import thought_embedding_keys
+    from nycdata.model.tim import thought_embedding_keys
 
     thought_keys = thought_embedding_keys(model)
     generator = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if ".sampler." in n}

@@ -9,7 +9,7 @@ with replacement, once, and applies that same draw to TiM and baseline and to
 every seed (paired), so scene difficulty cancels in the difference, as it does
 in the real comparison.
 
-Everything works on ``per_chip.csv`` rows (see :mod:`nycdata.evaluate`): per-chip
+Everything works on ``per_chip.csv`` rows (see :mod:`nycdata.study.evaluate`): per-chip
 confusion matrices add up per parent, and a replicate's confusion is just a
 weighted sum of parent confusions, so thousands of replicates are one matrix
 product and no model is re-run.
@@ -39,10 +39,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from nycdata.classes import CLASS_NAMES, NUM_CLASSES
-from nycdata.metrics import CM_COLUMNS, gate
+from nycdata.data.classes import CLASS_NAMES, NUM_CLASSES
+from nycdata.data.metrics import CM_COLUMNS, gate
 
-# CM_COLUMNS comes from nycdata.metrics (row = true class, column = predicted), so
+# CM_COLUMNS comes from nycdata.data.metrics (row = true class, column = predicted), so
 # the statistics need neither torch nor the model stack.
 
 FEW_PARENTS = 10                 # below this many test parents the report warns that the bootstrap is too narrow
@@ -74,7 +74,7 @@ def parent_confusions(per_chip: pd.DataFrame, variant: str, seed: int, parents: 
 def iou_from_confusions(cms: np.ndarray) -> np.ndarray:
     """Per-class IoU (..., 5) of a stack of matrices; NaN where a class has no target pixels.
 
-    Same definition as :func:`nycdata.metrics.metrics_from_confusion`, vectorised
+    Same definition as :func:`nycdata.data.metrics.metrics_from_confusion`, vectorised
     so a bootstrap's thousands of replicates need no Python loop.
     """
     cms = np.asarray(cms, dtype=np.float64)

@@ -1,9 +1,9 @@
 """Sources -> chips: put every modality on each parent's S2 10 m grid, fix the original's defects, cut, split.
 
-Reads a sources manifest (``sources.csv``, written by :mod:`nycdata.fetch` or
+Reads a sources manifest (``sources.csv``, written by :mod:`nycdata.sources.fetch` or
 by hand; columns ``parent_id, modality, date, band, path, cloud_cover,
 processing_baseline, product_id``) and writes the chip format of
-:mod:`nycdata.chips`, then validates it. What it fixes, and records per chip:
+:mod:`nycdata.data.chips`, then validates it. What it fixes, and records per chip:
 
 - T dates per parent: ``distinct`` cloud-filtered S2 dates spread over the
   season, each with its own S1 date (the original copied one scene T times;
@@ -18,7 +18,7 @@ processing_baseline, product_id``) and writes the chip format of
   judged from their darkest pixels;
 - a missing DEM is an error unless ``missing_dem`` is ``mean`` (flagged) or
   ``zero`` (the original's silent zero fill, flagged too);
-- WorldCover -> the 5 classes of :mod:`nycdata.classes` (nearest resampling).
+- WorldCover -> the 5 classes of :mod:`nycdata.data.classes` (nearest resampling).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from nycdata import chips
-from nycdata.classes import IGNORE_INDEX, class_counts, worldcover_to_class
-from nycdata.data import TERRAMIND_V1_STATS
+from nycdata.data import chips
+from nycdata.data.classes import IGNORE_INDEX, class_counts, worldcover_to_class
+from nycdata.data.dataset import TERRAMIND_V1_STATS
 from nycdata.io import replace_dir_atomically
-from nycdata.sources import ALL_PARENTS, MANIFEST_COLUMNS, OFFSET_BASELINE, OFFSET_DATE, SOURCE_MODALITIES
+from nycdata.sources.manifest import ALL_PARENTS, MANIFEST_COLUMNS, OFFSET_BASELINE, OFFSET_DATE, SOURCE_MODALITIES
 
 S2_OFFSET = 1000
 S2_CONVENTIONS = ("without_offset", "with_offset", "as_delivered")
@@ -423,7 +423,7 @@ def build_dataset(manifest_path: Path, out_dir: Path, params: Mapping, overwrite
     """Build the chip dataset from a sources manifest into ``out_dir`` and validate it; nothing half-written remains."""
     import geopandas as gpd
 
-    from nycdata.validate import validate_dataset
+    from nycdata.data.validate import validate_dataset
 
     manifest = read_manifest(Path(manifest_path))
     parents = sorted(p for p in set(manifest["parent_id"]) if p != ALL_PARENTS)
@@ -444,7 +444,7 @@ def build_dataset(manifest_path: Path, out_dir: Path, params: Mapping, overwrite
                       "s2_offset_convention", "missing_dem", "min_valid_fraction", "split_fractions", "split_seed",
                       "split_method", "test_chips_file")
         chips.DatasetSpec(chip_size=size, timesteps=params["timesteps"], source={
-            "generator": "nycdata.build", "manifest": str(manifest_path), **{k: params[k] for k in build_keys}}).write(tmp)
+            "generator": "nycdata.sources.build", "manifest": str(manifest_path), **{k: params[k] for k in build_keys}}).write(tmp)
         problems = validate_dataset(tmp)
         if problems:
             raise SourceError("the built dataset failed validation:\n  " + "\n  ".join(map(str, problems[:20])))
@@ -480,7 +480,7 @@ def ensure_sources(params: Mapping, log: Callable[[str], None] = print) -> Path:
 
     manifest = resolve_path(params["sources_manifest"])
     if params["synthetic_sources"] and not manifest.is_file():
-        from nycdata.synthetic_sources import SyntheticSourcesConfig, make_sources
+        from nycdata.sources.synthetic import SyntheticSourcesConfig, make_sources
 
         # deliberately unlike tests/test_build.py's sources: stacked S2, smaller parents, projected DEM and labels
         make_sources(manifest.parent, SyntheticSourcesConfig(

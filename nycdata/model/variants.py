@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from nycdata.chips import INPUT_MODALITIES
-from nycdata.model import model_args
+from nycdata.data.chips import INPUT_MODALITIES
+from nycdata.model.factory import model_args
 
 S1_INPUTS = ("S1RTC", "DEM")
 
@@ -23,8 +23,8 @@ class Variant:
     modalities: tuple[str, ...]
     thoughts: tuple[str, ...]  # TiM modalities; empty for a plain backbone
     description: str
-    generated: tuple[str, ...] = ()  # inputs generated once by TerraMind's generate model (see nycdata.generated)
-    cached: bool = False  # reads thoughts cached once per chip x D4 transform (see nycdata.thought_cache)
+    generated: tuple[str, ...] = ()  # inputs generated once by TerraMind's generate model (see nycdata.model.generated)
+    cached: bool = False  # reads thoughts cached once per chip x D4 transform (see nycdata.model.thinking)
     frozen_embeddings: bool = False  # input embeddings frozen, as upstream TiM's sharing with its generator freezes them
 
     @property

@@ -1,4 +1,4 @@
-"""The sources manifest: the hand-off between fetching (:mod:`nycdata.fetch`) and building (:mod:`nycdata.build`).
+"""The sources manifest: the hand-off between fetching (:mod:`nycdata.sources.fetch`) and building (:mod:`nycdata.sources.build`).
 
 ``sources.csv`` has one row per file: ``parent_id`` (``*`` = applies to every
 parent, e.g. one WorldCover mosaic), ``modality``, ``date`` (ISO; empty for
@@ -9,7 +9,7 @@ canonical order), ``path`` (relative to the manifest), and optional
 
 import datetime as dt
 
-from nycdata.chips import S1RTC_BANDS, S2L2A_BANDS
+from nycdata.data.chips import S1RTC_BANDS, S2L2A_BANDS
 
 NYC_BBOX: tuple[float, float, float, float] = (-74.30, 40.45, -73.65, 40.95)  # lon_min, lat_min, lon_max, lat_max
 MANIFEST_FILE = "sources.csv"

@@ -21,15 +21,15 @@ import pandas as pd
 import torch
 from terratorch.tasks import SemanticSegmentationTask
 
-from nycdata.classes import CLASS_NAMES, IGNORE_INDEX
-from nycdata.data import NYCDataModule, record_folds
+from nycdata.data.classes import CLASS_NAMES, IGNORE_INDEX
+from nycdata.data.dataset import NYCDataModule, record_folds
 from nycdata.io import write_json
-from nycdata.model import backbone_built_outside_global_rng
+from nycdata.model.factory import backbone_built_outside_global_rng
 from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir
-from nycdata.summaries import parameter_groups
-from nycdata.tim import (check_generator, freeze_input_embeddings, generator_tensor_count, isolate_thought_rng,
+from nycdata.study.summaries import parameter_groups
+from nycdata.model.tim import (check_generator, freeze_input_embeddings, generator_tensor_count, isolate_thought_rng,
                          remember_tokenizer, share_random_generator, tokenizers_deferred, untie_generator_embeddings)
-from nycdata.variants import Variant, get_variant, variant_model_args
+from nycdata.model.variants import Variant, get_variant, variant_model_args
 
 SUMMARY_FILE = TRAIN_SUMMARY_FILE
 METRICS_FILE = "metrics.csv"
@@ -67,7 +67,7 @@ class NYCSegmentationTask(SemanticSegmentationTask):
                             frozen_input_embeddings=frozen_input_embeddings, random_generator=random_generator)
         share_random_generator(self.model, self.hparams["model_args"], force=random_generator)
         if cached_thoughts:
-            from nycdata.thought_cache import use_cached_thoughts
+            from nycdata.model.thinking import use_cached_thoughts
 
             use_cached_thoughts(self.model)  # drops the generator, and with it any sharing of embeddings
         if not share_generator_embeddings:
@@ -107,7 +107,7 @@ def build_task(params: Mapping, variant: Variant) -> NYCSegmentationTask:
     """
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    from nycdata import weights
+    from nycdata.model import weights
 
     weights.use_cache_dir(params)
     random_warning = check_generator(params, variant)
@@ -118,9 +118,9 @@ def build_task(params: Mapping, variant: Variant) -> NYCSegmentationTask:
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as err:
         raise weights.offline_error(params, variant, err) from err
     task.generator_report = None
-    if variant.cached:  # no generator in this model: nycdata.thought_cache verified it when caching
+    if variant.cached:  # no generator in this model: nycdata.model.thinking verified it when caching
         task.generator_report = {"tensors": 0, "verified": 0, "source": "thought cache", "warning": random_warning}
-    elif variant.is_tim:  # tim_input's generator is separate: nycdata.generated checks pretrained/allow flags
+    elif variant.is_tim:  # tim_input's generator is separate: nycdata.model.generated checks pretrained/allow flags
         verified = weights.verify_generator(task.model, source) if source else 0
         task.generator_report = {"tensors": generator_tensor_count(task.model), "verified": verified,
                                  "source": source or "random initialisation", "warning": random_warning}
@@ -168,11 +168,11 @@ def variant_datamodule(params: Mapping, variant: Variant, log: Callable[[str], N
     or the thought cache of a ``*_cached`` variant (filled on first use), for the fold and seed of ``params``."""
     generated = cache = None
     if variant.generated:
-        from nycdata.generated import generate_lulc
+        from nycdata.model.generated import generate_lulc
 
         generated = str(generate_lulc(params, variant, log))
     if variant.cached:
-        from nycdata.thought_cache import cache_thoughts
+        from nycdata.model.thinking import cache_thoughts
 
         cache = str(cache_thoughts(params, variant, log))
     return NYCDataModule.from_params({**params, "modalities": list(variant.modalities)}, generated_root=generated,

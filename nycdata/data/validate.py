@@ -14,8 +14,8 @@ from typing import Mapping
 
 import numpy as np
 
-from nycdata import chips
-from nycdata.classes import IGNORE_INDEX, NUM_CLASSES
+from nycdata.data import chips
+from nycdata.data.classes import IGNORE_INDEX, NUM_CLASSES
 
 REQUIRED_COLUMNS = ("chip_id", "parent_id", "split", "crs", "dates", "geometry")
 MISSING_COLUMNS = "index lacks columns"
