@@ -1,4 +1,8 @@
-"""Command line of the reproduction package: ``python -m nycdata COMMAND --help`` for each command."""
+"""Command line of the reproduction package: ``python -m nycdata COMMAND --help`` for each command.
+
+Each command imports its own stack inside its function: terratorch and Lightning take seconds to import, and
+``validate``, ``fetch`` or ``build`` need neither.
+"""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ import rasterio
 import torch
 
 from nycdata.data import chips
-from nycdata.data.dataset import TERRAMIND_V1_STATS, ChipDataset, ChipDraw, EpochDraws, NYCDataModule, d4_transform
+from nycdata.data.chips import TERRAMIND_V1_STATS
+from nycdata.data.dataset import ChipDataset, ChipDraw, EpochDraws, NYCDataModule, d4_transform
 from nycdata.data.fixture import FixtureConfig, make_fixture
 from nycdata.data.validate import ChipError
 

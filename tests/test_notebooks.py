@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from nycdata.data.chips import S2L2A_BANDS
-from nycdata.data.dataset import TERRAMIND_V1_STATS
+from nycdata.data.chips import TERRAMIND_V1_STATS
 from nycdata.study.stats import with_gate
 from nycdata.params import defaults
 from nycdata.study.chain import NOTEBOOK_DIR, execute_notebook, run_pipeline

@@ -9,10 +9,11 @@ import torch
 
 from nycdata.data.fixture import FixtureConfig, make_fixture
 from nycdata.params import PARAMS_DIR, load_params
-from nycdata.model.thinking import (THOUGHTS_KEY, CachedThoughts, autocast, cache_root, cache_thoughts, thought_stream_seed,
-                                   tokens_to_map)
-from nycdata.model.tim import capture_thoughts, tim_backbone
-from nycdata.study.train import build_task, fine_tune, seed_everything
+from nycdata.data.thoughts import THOUGHTS_KEY, cache_root, tokens_to_map
+from nycdata.model.thinking import autocast, thought_stream_seed
+from nycdata.model.tim import CachedThoughts, capture_thoughts, tim_backbone
+from nycdata.seeding import seed_everything
+from nycdata.study.train import build_task, cache_thoughts, fine_tune
 from nycdata.model.variants import get_variant
 
 B, T, SIZE = 2, 2, 32
@@ -55,7 +56,7 @@ def test_cached_path_gives_identical_encoder_outputs(params):
 def test_cache_holds_every_chip_transform_and_sample_reproducibly_and_training_reads_it(params):
     run = fine_tune({**params, "variant": "tim_cached", "seed": 3}, log=lambda m: None)
     assert run["epochs_run"] == 1
-    root = cache_root(params, get_variant("tim_cached"))
+    root = cache_root(params, get_variant("tim_cached").online)
     files = sorted(root.glob("*.npy"))
     assert len(files) == 9, "every chip: with cross-validation each one trains in some fold"
     ids = {f.stem: np.load(f) for f in files}
@@ -149,7 +150,7 @@ def test_cache_check_reuses_study_cells_trains_the_rest_aside_and_reports_agreem
     assert result["thought_spread_sd"] > 0 and result["agree"]
     low, high = result["interval"]
     assert low < result["online_mean"] < high and low <= result["cached_miou"] <= high
-    run = cache_root(params, get_variant("tim_cached")).parents[1]
+    run = cache_root(params, get_variant("tim_cached").online).parents[1]
     reused = json.loads((run / "tim_cached" / "seed3" / "test_metrics.json").read_text())
     assert reused["miou"] == result["cached_miou"] and study_cell["seed"] == 3
     assert not (run / "tim").exists(), "the check must not add cells to the study's grid"

@@ -10,7 +10,8 @@ import torch
 from nycdata.data.classes import IGNORE_INDEX, NUM_CLASSES
 from nycdata.params import PARAMS_DIR, load_params
 from nycdata.model.tim import ESRI_LULC_CLASSES, ESRI_TO_CLASS, capture_thoughts, decode_lulc, esri_to_class, tim_backbone
-from nycdata.study.train import build_task, seed_everything
+from nycdata.seeding import seed_everything
+from nycdata.study.train import build_task
 from nycdata.model.variants import VARIANTS, get_variant, variant_model_args
 from nycdata.model.weights import GeneratorNotLoaded, verify_generator
 
@@ -41,7 +42,7 @@ def test_every_variant_builds_and_trains_one_step(params, name):
     assert variant_model_args(params, variant)["backbone_modalities"] == list(variant.backbone_modalities)
     x = _batch(variant.backbone_modalities)
     if variant.cached:
-        from nycdata.model.thinking import THOUGHTS_KEY, tokens_to_map
+        from nycdata.data.thoughts import THOUGHTS_KEY, tokens_to_map
 
         x[THOUGHTS_KEY] = tokens_to_map(torch.randint(0, 4000, (B, 1, T, SIZE // 16, SIZE // 16)))
     logits = task.model(x).output
@@ -195,7 +196,7 @@ def test_offline_cache_miss_names_repo_file_and_command(params, tmp_path, monkey
 
 def test_tim_input_generates_lulc_once_and_reads_it_as_a_fourth_input(params, tmp_path):
     from nycdata.data.fixture import FixtureConfig, make_fixture
-    from nycdata.model.generated import DONE_FILE, generated_root
+    from nycdata.data.thoughts import GENERATED_DONE_FILE as DONE_FILE, generated_root
     from nycdata.study.train import variant_datamodule
 
     data = make_fixture(tmp_path / "data", FixtureConfig(chips=9, size=32, timesteps=T, seed=4))

@@ -44,6 +44,21 @@ INDEX_CRS = "EPSG:4326"
 SPLITS = ("train", "val", "test")
 LABEL = "LULC"
 
+NYC_BBOX: tuple[float, float, float, float] = (-74.30, 40.45, -73.65, 40.95)  # the study area: lon/lat min, max
+PATCH_SIZE = 16  # TerraMind's patch: chip sizes are multiples of it, and a thought is one token per patch
+PIXEL_SIZE_M = 10  # every chip is on a 10 m grid
+
+# TerraMind v1 pretraining statistics (S1RTC in dB, DEM in metres).
+TERRAMIND_V1_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "S2L2A": (
+        (1390.458, 1503.317, 1718.197, 1853.910, 2199.100, 2779.975, 2987.011, 3083.234, 3132.220, 3162.988, 2424.884, 1857.648),
+        (2106.761, 2141.107, 2038.973, 2134.138, 2085.321, 1889.926, 1820.257, 1871.918, 1753.829, 1797.379, 1434.261, 1334.311),
+    ),
+    "S1RTC": ((-10.93, -17.329), (4.391, 4.459)),
+    "DEM": ((670.665,), (951.272,)),
+}
+NORMALIZATIONS = {"terramind_v1": TERRAMIND_V1_STATS}
+
 S2L2A_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
 S1RTC_BANDS = ("VV", "VH")
 

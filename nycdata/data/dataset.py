@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -24,22 +24,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nycdata.data import chips
-from nycdata.model.generated import read_generated
+from nycdata.data.chips import NORMALIZATIONS
+from nycdata.data.fixture import FixtureConfig, ensure_fixture
+from nycdata.data.thoughts import THOUGHTS_KEY, cached_sample_count, read_generated, read_thoughts
+from nycdata.data.validate import read_chip, validate_dataset
 from nycdata.io import atomic_write_text
 from nycdata.params import resolve_path, run_root
-from nycdata.model.thinking import THOUGHTS_KEY, cached_sample_count, read_thoughts
-from nycdata.data.validate import read_chip
 
-# TerraMind v1 pretraining statistics (S1RTC in dB, DEM in metres).
-TERRAMIND_V1_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "S2L2A": (
-        (1390.458, 1503.317, 1718.197, 1853.910, 2199.100, 2779.975, 2987.011, 3083.234, 3132.220, 3162.988, 2424.884, 1857.648),
-        (2106.761, 2141.107, 2038.973, 2134.138, 2085.321, 1889.926, 1820.257, 1871.918, 1753.829, 1797.379, 1434.261, 1334.311),
-    ),
-    "S1RTC": ((-10.93, -17.329), (4.391, 4.459)),
-    "DEM": ((670.665,), (951.272,)),
-}
-NORMALIZATIONS = {"terramind_v1": TERRAMIND_V1_STATS}
 AUGMENTATIONS = ("d4", "none")
 D4_TRANSFORMS = 8
 
@@ -58,7 +49,6 @@ def normalization_stats(name: str) -> dict:
 
 class ChipDraw(NamedTuple):
     """What the sampler decided for one chip of one epoch: its position in the split, D4 transform and thought sample."""
-
     index: int
     transform: int = 0
     sample: int = 0
@@ -269,3 +259,26 @@ def record_folds(params: Mapping) -> Path | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, table)
     return path
+
+
+def prepare_dataset(params: Mapping, log: Callable[[str], None] = print, validate: bool = True) -> Path:
+    """Return the dataset directory of ``params`` (validated unless told not to), generating the fixture if asked to."""
+    data_root = resolve_path(params["data_root"])
+    if params["fixture"]:
+        config = FixtureConfig(chips=params["fixture_chips"], size=params["fixture_size"],
+                               timesteps=params["timesteps"], seed=params["fixture_seed"])
+        ensure_fixture(data_root, config)
+        log(f"dataset: fixture at {data_root}")
+    elif not (data_root / chips.SPEC_FILE).is_file():
+        raise FileNotFoundError(
+            f"data_root {data_root} holds no chip dataset. Build it from real sources "
+            "(`python -m nycdata build`, see README) or run with `-f params/fixture.yaml`."
+        )
+    if not validate:
+        return data_root
+    problems = validate_dataset(data_root)
+    if problems:
+        listing = "\n  ".join(map(str, problems[:20]))
+        raise ValueError(f"dataset {data_root} failed validation ({len(problems)} problems):\n  {listing}")
+    log(f"dataset: {data_root} validated")
+    return data_root

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from nycdata.data import chips
+from nycdata.data.chips import NYC_BBOX
 from nycdata.data.classes import IGNORE_INDEX, NUM_CLASSES, class_counts
 from nycdata.io import replace_dir_atomically
-from nycdata.sources.manifest import NYC_BBOX
 
 NYC_BBOX_LONLAT = NYC_BBOX
 UTM_CRS = "EPSG:32618"

@@ -17,21 +17,14 @@ import numpy as np
 import torch
 
 from nycdata.data import chips
+from nycdata.data.dataset import ChipDataset
+from nycdata.data.thoughts import GENERATED_DONE_FILE, generated_root, write_generated
 from nycdata.io import replace_dir_atomically, write_json
-from nycdata.params import resolve_path, run_root
+from nycdata.model.tim import check_generator
+from nycdata.params import resolve_path
+from nycdata.seeding import seed_everything
 
-GENERATED_DIR = "generated_lulc"
-DONE_FILE = "generation.json"
 GENERATION_SEED = 0
-LULC_CLASSES = 10
-
-
-def generated_root(params: Mapping) -> Path:
-    return run_root(params) / GENERATED_DIR
-
-
-def generated_path(root: Path, chip: str) -> Path:
-    return Path(root) / f"{chip}_LULC.tif"
 
 
 def build_generator(params: Mapping, modalities) -> torch.nn.Module:
@@ -48,12 +41,8 @@ def build_generator(params: Mapping, modalities) -> torch.nn.Module:
 @torch.no_grad()
 def generate_lulc(params: Mapping, variant, log: Callable[[str], None] = print) -> Path:
     """Generate LULC for every chip of the dataset once from ``variant``'s inputs; reuse a finished generation."""
-    from nycdata.data.dataset import ChipDataset
-    from nycdata.model.tim import check_generator
-    from nycdata.study.train import seed_everything
-
     root = generated_root(params)
-    if (root / DONE_FILE).is_file():
+    if (root / GENERATED_DONE_FILE).is_file():
         return root
     check_generator(params, variant)  # a random generator only with allow_random_generator
     modalities = variant.modalities
@@ -66,9 +55,9 @@ def generate_lulc(params: Mapping, variant, log: Callable[[str], None] = print) 
             for batch in torch.utils.data.DataLoader(dataset, batch_size=params["batch_size"]):
                 maps = _generate_batch(generator, batch["image"])
                 for chip, lulc in zip(batch["filename"], maps):
-                    _write_generated(tmp, data_root, chip, lulc)
+                    write_generated(tmp, data_root, chip, lulc)
             log(f"generated LULC for the {split} chips")
-        write_json(tmp / DONE_FILE, {"model": f"terramind_v1_{params['model_size']}_generate",
+        write_json(tmp / GENERATED_DONE_FILE, {"model": f"terramind_v1_{params['model_size']}_generate",
                                      "pretrained": params["pretrained"], "seed": GENERATION_SEED})
     return root
 
@@ -78,29 +67,3 @@ def _generate_batch(generator, image: dict) -> np.ndarray:
     timesteps = next(iter(image.values())).shape[2]
     maps = [generator({m: x[:, :, t] for m, x in image.items()})["LULC"].argmax(1) for t in range(timesteps)]
     return torch.stack(maps, dim=1).to(torch.uint8).numpy()
-
-
-def _write_generated(out_dir: Path, data_root: Path, chip: str, lulc: np.ndarray) -> None:
-    import rasterio
-
-    with rasterio.open(data_root / chips.chip_relpath(chip, chips.LABEL)) as src:
-        crs, transform = src.crs, src.transform
-    chips.write_raster(generated_path(out_dir, chip), lulc, crs, transform,
-                       [f"t{t}_LULC" for t in range(lulc.shape[0])])
-
-
-def read_generated(root: Path, chip: str, timesteps: int) -> torch.Tensor:
-    """One-hot generated LULC ``[10, T, H, W]`` float32, with a clear error when it is missing."""
-    import rasterio
-    from rasterio.errors import RasterioError
-
-    path = generated_path(root, chip)
-    try:
-        with rasterio.open(path) as src:
-            classes = torch.from_numpy(src.read().astype(np.int64))
-    except (RasterioError, OSError) as err:
-        raise FileNotFoundError(f"generated LULC for chip {chip} unreadable at {path} ({err}); delete {root} "
-                                "and run the tim_input fine-tune again to regenerate it") from err
-    if classes.shape[0] != timesteps:
-        raise ValueError(f"{path}: {classes.shape[0]} timesteps, expected {timesteps}")
-    return torch.nn.functional.one_hot(classes, LULC_CLASSES).permute(3, 0, 1, 2).float()

@@ -24,6 +24,7 @@ import hashlib
 import json
 import random
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -31,61 +32,16 @@ import numpy as np
 import torch
 
 from nycdata.data import chips
+from nycdata.data.chips import PATCH_SIZE
+from nycdata.data.dataset import D4_TRANSFORMS, ChipDataset, d4_transform
+from nycdata.data.thoughts import CACHE_DONE_FILE, cache_root, write_thoughts
 from nycdata.io import replace_dir_atomically, write_json
-from nycdata.params import resolve_path, run_root
+from nycdata.model import weights
+from nycdata.model.tim import RANDOM_GENERATOR_SEED, capture_thoughts, tim_backbone
+from nycdata.model.variants import get_variant
+from nycdata.params import resolve_path
 
-THOUGHTS_KEY = "THOUGHTS"
-PATCH = 16
-CACHE_DIR = "thought_cache"
-DONE_FILE = "cache.json"
 CACHE_FORMAT = "nycdata-thoughts/2"  # 2: all chips, per-(chip, sample, thought_seed) seeding, identity in cache.json
-
-
-class CachedThoughts(torch.nn.Module):
-    """Stands in for TiM's ``GenerationSampler``: ``generate`` returns the ids the batch carried."""
-
-    def __init__(self, domain: str):
-        super().__init__()
-        self.domain = domain
-        self.tokens: torch.Tensor | None = None
-
-    def generate(self, *args, **kwargs) -> dict:
-        if self.tokens is None:
-            raise RuntimeError(f"a cached-thought model needs image['{THOUGHTS_KEY}'] in its input")
-        tokens, self.tokens = self.tokens, None
-        return {self.domain: {"tensor": tokens}}
-
-
-def tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
-    """Token ids ``[..., h, w]`` -> float map ``[..., 16h, 16w]``, each id over its patch.
-
-    The ids travel through terratorch like an image modality (padded, temporally folded, shaped like the
-    inputs), so the backbone receives exactly one id per image patch. float32 holds the ids (< 2**24) exactly.
-    """
-    return tokens.float().repeat_interleave(PATCH, dim=-2).repeat_interleave(PATCH, dim=-1)
-
-
-def _take_thoughts(module, args, kwargs):
-    """Forward pre-hook of the TiM backbone: move the cached ids out of the input dict into the sampler."""
-    inputs = args[0] if args else kwargs.get("d")
-    id_map = inputs.pop(THOUGHTS_KEY)  # (B*T, 1, H, W) after the temporal wrapper folded T into the batch
-    ids = id_map[:, 0, PATCH // 2::PATCH, PATCH // 2::PATCH]  # one id per 16 x 16 patch
-    module.sampler.tokens = ids.reshape(ids.shape[0], -1).round().long()
-
-
-def use_cached_thoughts(model: torch.nn.Module) -> None:
-    """Swap the TiM generator of ``model`` for :class:`CachedThoughts` (one thought modality)."""
-    from nycdata.model.tim import tim_backbone
-
-    backbone = tim_backbone(model)
-    if backbone is None or len(backbone.tim_modalities) != 1:
-        raise ValueError("cached thoughts need a TiM backbone with exactly one thought modality")
-    backbone.sampler = CachedThoughts(backbone.mod_name_mapping[backbone.tim_modalities[0]])
-    backbone.register_forward_pre_hook(_take_thoughts, with_kwargs=True)
-
-
-def cache_root(params: Mapping, variant) -> Path:
-    return run_root(params) / CACHE_DIR / variant.online
 
 
 def cached_samples(params: Mapping) -> int:
@@ -108,9 +64,6 @@ def cache_identity(params: Mapping, online) -> dict:
 
 def generator_identity(params: Mapping) -> dict:
     """The generator's weights: the checkpoint file and its checksum, or the shared random generator."""
-    from nycdata.model import weights
-    from nycdata.model.tim import RANDOM_GENERATOR_SEED
-
     source = None if params["tim_random_generator"] else weights.generator_source(params)
     if source is None:
         identity = {"random_generator_seed": RANDOM_GENERATOR_SEED, "terratorch": _version("terratorch")}
@@ -120,26 +73,29 @@ def generator_identity(params: Mapping) -> dict:
 
 
 def check_identity(root: Path, expected: dict) -> None:
-    recorded = json.loads((root / DONE_FILE).read_text()).get("identity", {})
+    recorded = json.loads((root / CACHE_DONE_FILE).read_text()).get("identity", {})
     differences = [f"{k}: cache {recorded.get(k)!r}, params {v!r}" for k, v in expected.items() if recorded.get(k) != v]
     if differences:
         raise ValueError(f"thought cache {root} was made under other settings ({'; '.join(differences)}). Delete "
                          f"{root} to regenerate it with these params, or choose another run_name.")
 
 
-def cache_thoughts(params: Mapping, variant, log: Callable[[str], None] = print) -> Path:
-    """Generate (once) the thoughts a ``*_cached`` variant reads; reuse a finished cache made under the same settings."""
-    from nycdata.data.dataset import ChipDataset
-    from nycdata.study.train import build_task, training_device
-    from nycdata.model.variants import get_variant
+def finished_cache(params: Mapping, variant) -> Path | None:
+    """The finished thought cache of ``variant`` (a ``*_cached`` variant), or None when it must be made; a cache made
+    under other settings is refused, naming the difference."""
+    root = cache_root(params, variant.online)
+    if not (root / CACHE_DONE_FILE).is_file():
+        return None
+    check_identity(root, cache_identity(params, get_variant(variant.online)))
+    return root
 
-    root, online = cache_root(params, variant), get_variant(variant.online)
+
+def fill_thought_cache(task, params: Mapping, variant, device: torch.device, log: Callable[[str], None] = print) -> Path:
+    """Think once per chip, D4 transform and sample with ``task`` (the verified online TiM twin of ``variant``) and
+    write the cache of ``variant``; return its folder."""
+    root, online = cache_root(params, variant.online), get_variant(variant.online)
     identity = cache_identity(params, online)
-    if (root / DONE_FILE).is_file():
-        check_identity(root, identity)
-        return root
-    task = build_task(params, online)  # verifies the generator like any TiM build
-    task.model.eval().to(training_device(params))
+    task.model.eval().to(device)
     data_root = resolve_path(params["data_root"])
     datasets = [ChipDataset(data_root, split, online.modalities, params["normalization"]) for split in chips.SPLITS]
     progress = Progress(sum(map(len, datasets)), "thought cache", log)
@@ -148,11 +104,10 @@ def cache_thoughts(params: Mapping, variant, log: Callable[[str], None] = print)
             for i in range(len(dataset)):
                 sample = dataset[i]
                 ids = think_chip(task, sample, identity["samples"], params["thought_seed"], params["precision"])
-                np.save(tmp / f"{sample['filename']}.npy", ids)
+                write_thoughts(tmp, sample["filename"], ids)
                 progress.step()
-        write_json(tmp / DONE_FILE, {"identity": identity, "chips": progress.done,
-                                     "seconds": progress.elapsed(), "device": str(training_device(params))})
-    del task  # the generator is only needed for this pass
+        write_json(tmp / CACHE_DONE_FILE, {"identity": identity, "chips": progress.done,
+                                           "seconds": progress.elapsed(), "device": str(device)})
     log(f"cached thoughts of {progress.done} chips x 8 transforms x {identity['samples']} samples in "
         f"{progress.elapsed():.0f} s into {root}")
     return root
@@ -161,9 +116,6 @@ def cache_thoughts(params: Mapping, variant, log: Callable[[str], None] = print)
 @torch.no_grad()
 def think_chip(task, sample: dict, samples: int, thought_seed: int, precision: str = "32-true") -> np.ndarray:
     """Thought ids ``[8, samples, T, h, w]`` of one chip: its 8 D4 transforms in one batch, one generation per sample."""
-    from nycdata.data.dataset import D4_TRANSFORMS, d4_transform
-    from nycdata.model.tim import capture_thoughts, tim_backbone
-
     device = next(task.model.parameters()).device
     modality = tim_backbone(task.model).tim_modalities[0]
     image = {m: torch.stack([d4_transform(x, k) for k in range(D4_TRANSFORMS)]).to(device)
@@ -236,27 +188,9 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
 
 
 def _version(package: str) -> str:
-    from importlib import metadata
-
     return metadata.version(package)
 
 
 def _token_grid(sample: dict) -> tuple[int, int]:
     height, width = next(iter(sample["image"].values())).shape[-2:]
-    return height // PATCH, width // PATCH
-
-
-def cached_sample_count(root: Path) -> int:
-    """Thought samples per chip and transform in a finished cache."""
-    done = Path(root) / DONE_FILE
-    if not done.is_file():
-        raise FileNotFoundError(f"{done} missing: the thought cache at {root} is unfinished; delete it to regenerate")
-    return json.loads(done.read_text())["identity"]["samples"]
-
-
-def read_thoughts(root: Path, chip: str, transform: int, sample: int) -> torch.Tensor:
-    """Cached ids of one chip, D4 transform and thought sample, as the map ``[1, T, H, W]`` of :func:`tokens_to_map`."""
-    path = Path(root) / f"{chip}.npy"
-    if not path.is_file():
-        raise FileNotFoundError(f"no cached thoughts for chip {chip} at {path}; delete {root} to regenerate the cache")
-    return tokens_to_map(torch.from_numpy(np.load(path)[transform, sample].astype(np.int64)))[None]
+    return height // PATCH_SIZE, width // PATCH_SIZE

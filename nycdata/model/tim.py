@@ -19,9 +19,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from nycdata.data.chips import PATCH_SIZE
 from nycdata.data.classes import IGNORE_INDEX
-
-PATCH_SIZE = 16
+from nycdata.data.metrics import confusion_matrix, metrics_from_confusion
+from nycdata.data.thoughts import THOUGHTS_KEY
 
 # TerraMind's LULC modality follows the ESRI / Impact Observatory 10 m annual land cover. The channel order is
 # documented on the model card of ibm-esa-geospatial/TerraMind-1.0-Tokenizer-LULC ("No data, water, trees, flooded
@@ -258,8 +259,6 @@ def isolate_thought_rng(model: torch.nn.Module, thought_seed: int = 0) -> bool:
     same seed. Under ``torch.random.fork_rng`` the global stream is left as it was: runs with one seed then
     differ only in their thoughts, which stay a function of the seed (through ``random``) and ``thought_seed``.
     """
-    from nycdata.model.thinking import CachedThoughts
-
     backbone = tim_backbone(model)
     if backbone is None or isinstance(backbone.sampler, CachedThoughts):
         return False
@@ -347,8 +346,6 @@ def thought_agreement(thought_classes: np.ndarray, truth: np.ndarray) -> dict:
 
     ``thought_classes [N, T, H, W]`` is compared with ``truth [N, H, W]`` at every timestep.
     """
-    from nycdata.data.metrics import confusion_matrix, metrics_from_confusion
-
     truth_t = np.broadcast_to(truth[:, None], thought_classes.shape)
     defined = thought_classes != IGNORE_INDEX
     cm = confusion_matrix(np.where(defined, truth_t, IGNORE_INDEX), np.where(defined, thought_classes, 0))
@@ -367,3 +364,36 @@ def per_chip_agreement(thought_classes: np.ndarray, truth: np.ndarray, chip_ids)
     counts = defined.sum(axis=(1, 2, 3))
     agreement = np.divide(hits, counts, out=np.full(len(counts), np.nan), where=counts > 0)
     return pd.DataFrame({"chip_id": list(chip_ids), "thought_agreement": agreement})
+
+
+class CachedThoughts(torch.nn.Module):
+    """Stands in for TiM's ``GenerationSampler`` in a ``*_cached`` variant: ``generate`` returns the ids the batch
+    carried (see :mod:`nycdata.model.thinking`)."""
+
+    def __init__(self, domain: str):
+        super().__init__()
+        self.domain = domain
+        self.tokens: torch.Tensor | None = None
+
+    def generate(self, *args, **kwargs) -> dict:
+        if self.tokens is None:
+            raise RuntimeError(f"a cached-thought model needs image['{THOUGHTS_KEY}'] in its input")
+        tokens, self.tokens = self.tokens, None
+        return {self.domain: {"tensor": tokens}}
+
+
+def _take_thoughts(module, args, kwargs):
+    """Forward pre-hook of the TiM backbone: move the cached ids out of the input dict into the sampler."""
+    inputs = args[0] if args else kwargs.get("d")
+    id_map = inputs.pop(THOUGHTS_KEY)  # (B*T, 1, H, W) after the temporal wrapper folded T into the batch
+    ids = id_map[:, 0, PATCH_SIZE // 2::PATCH_SIZE, PATCH_SIZE // 2::PATCH_SIZE]  # one id per 16 x 16 patch
+    module.sampler.tokens = ids.reshape(ids.shape[0], -1).round().long()
+
+
+def use_cached_thoughts(model: torch.nn.Module) -> None:
+    """Swap the TiM generator of ``model`` for :class:`CachedThoughts` (one thought modality)."""
+    backbone = tim_backbone(model)
+    if backbone is None or len(backbone.tim_modalities) != 1:
+        raise ValueError("cached thoughts need a TiM backbone with exactly one thought modality")
+    backbone.sampler = CachedThoughts(backbone.mod_name_mapping[backbone.tim_modalities[0]])
+    backbone.register_forward_pre_hook(_take_thoughts, with_kwargs=True)

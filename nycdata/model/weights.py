@@ -20,6 +20,7 @@ import torch
 
 from nycdata.model.tim import generator_tensor_count, tim_backbone
 from nycdata.model.variants import Variant
+from nycdata.params import resolve_path
 
 DOWNLOAD_COMMAND = "python -m nycdata download-weights -f params/nyc.yaml"
 
@@ -51,8 +52,6 @@ def required_files(params: Mapping, variant: Variant) -> list[tuple[str, str]]:
 def use_cache_dir(params: Mapping) -> Path | None:
     """Point huggingface_hub's default cache at ``hf_cache_dir`` (terratorch passes no ``cache_dir``)."""
     import huggingface_hub.constants as hf_constants
-
-    from nycdata.params import resolve_path
 
     if not params["hf_cache_dir"]:
         return None

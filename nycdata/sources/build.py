@@ -34,10 +34,13 @@ import numpy as np
 import pandas as pd
 
 from nycdata.data import chips
+from nycdata.data.chips import TERRAMIND_V1_STATS
 from nycdata.data.classes import IGNORE_INDEX, class_counts, worldcover_to_class
-from nycdata.data.dataset import TERRAMIND_V1_STATS
+from nycdata.data.validate import validate_dataset
 from nycdata.io import replace_dir_atomically
+from nycdata.params import resolve_path
 from nycdata.sources.manifest import ALL_PARENTS, MANIFEST_COLUMNS, OFFSET_BASELINE, OFFSET_DATE, SOURCE_MODALITIES
+from nycdata.sources.synthetic import SyntheticSourcesConfig, make_sources
 
 S2_OFFSET = 1000
 S2_CONVENTIONS = ("without_offset", "with_offset", "as_delivered")
@@ -397,8 +400,6 @@ def write_parent_chips(out_dir: Path, stack: ParentStack, size: int, min_valid: 
 
 
 def _assign_splits(index: pd.DataFrame, params: Mapping, log) -> pd.DataFrame:
-    from nycdata.params import resolve_path
-
     if not params["test_chips_file"]:
         return index.assign(split=index["parent_id"].map(grouped_split(
             sorted(set(index["parent_id"])), params["split_fractions"], params["split_seed"], params["split_method"])))
@@ -422,8 +423,6 @@ def build_dataset(manifest_path: Path, out_dir: Path, params: Mapping, overwrite
                   log: Callable[[str], None] = print) -> Path:
     """Build the chip dataset from a sources manifest into ``out_dir`` and validate it; nothing half-written remains."""
     import geopandas as gpd
-
-    from nycdata.data.validate import validate_dataset
 
     manifest = read_manifest(Path(manifest_path))
     parents = sorted(p for p in set(manifest["parent_id"]) if p != ALL_PARENTS)
@@ -476,11 +475,8 @@ def s2_harmonisation_example(manifest: pd.DataFrame, parent: str, params: Mappin
 
 def ensure_sources(params: Mapping, log: Callable[[str], None] = print) -> Path:
     """The sources manifest of ``params``; synthetic sources are generated there first when asked for."""
-    from nycdata.params import resolve_path
-
     manifest = resolve_path(params["sources_manifest"])
     if params["synthetic_sources"] and not manifest.is_file():
-        from nycdata.sources.synthetic import SyntheticSourcesConfig, make_sources
 
         # deliberately unlike tests/test_build.py's sources: stacked S2, smaller parents, projected DEM and labels
         make_sources(manifest.parent, SyntheticSourcesConfig(

@@ -63,8 +63,8 @@ from urllib.parse import unquote
 
 import pandas as pd
 
-from nycdata.sources.plan import ByteProgress, PlannedFile, fetched_table, human_bytes, plan_table, raster_bytes
 from nycdata.sources.manifest import ALL_PARENTS, MANIFEST_COLUMNS, MANIFEST_FILE, MODALITY_BANDS, NYC_BBOX, SOURCE_MODALITIES
+from nycdata.sources.plan import ByteProgress, PlannedFile, fetched_table, human_bytes, plan_table, raster_bytes
 
 Log = Callable[[str], None]
 

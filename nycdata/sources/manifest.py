@@ -9,9 +9,7 @@ canonical order), ``path`` (relative to the manifest), and optional
 
 import datetime as dt
 
-from nycdata.data.chips import S1RTC_BANDS, S2L2A_BANDS
-
-NYC_BBOX: tuple[float, float, float, float] = (-74.30, 40.45, -73.65, 40.95)  # lon_min, lat_min, lon_max, lat_max
+from nycdata.data.chips import NYC_BBOX, S1RTC_BANDS, S2L2A_BANDS  # noqa: F401 - NYC_BBOX: the fetchers' default area
 MANIFEST_FILE = "sources.csv"
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "parent_id", "modality", "date", "band", "path", "cloud_cover", "processing_baseline", "product_id")
@@ -19,6 +17,7 @@ ALL_PARENTS = "*"
 MODALITY_BANDS: dict[str, tuple[str, ...]] = {"S2L2A": S2L2A_BANDS, "S1RTC": S1RTC_BANDS, "DEM": ("DEM",), "WORLDCOVER": ()}
 SOURCE_MODALITIES: tuple[str, ...] = tuple(MODALITY_BANDS)
 
-# S2 L2A processing baseline 04.00 (from 2022-01-25) added a +1000 BOA offset that TerraMind's pretraining data has.
+# S2 L2A processing baseline 04.00 (from 2022-01-25) added a +1000 BOA offset; the builder brings every scene to
+# s2_offset_convention.
 OFFSET_BASELINE = "04.00"
 OFFSET_DATE = dt.date(2022, 1, 25)

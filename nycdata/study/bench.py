@@ -18,8 +18,14 @@ from typing import Callable, Mapping
 
 import torch
 
+from nycdata.data import chips
+from nycdata.data.dataset import ChipDataset, NYCDataModule, prepare_dataset, split_spec
+from nycdata.data.thoughts import THOUGHTS_KEY, tokens_to_map
 from nycdata.io import write_json
+from nycdata.model.thinking import cached_samples, think_chip
+from nycdata.model.variants import cached_twin, get_variant
 from nycdata.params import resolve_path, run_root
+from nycdata.study.train import build_task
 
 VARIANTS = ("baseline", "tim", "tim_cached")
 
@@ -49,8 +55,6 @@ def _median_seconds(fn, device: str, warmup: int, repeats: int) -> float:
 
 
 def _inputs(batch: dict, variant, device: str) -> dict:
-    from nycdata.model.thinking import THOUGHTS_KEY, tokens_to_map
-
     x = {m: v.to(device) for m, v in batch["image"].items() if m in variant.modalities}
     if variant.cached:  # ids in the vocabulary's range: timing does not depend on their values
         B, _, T, H, W = next(iter(x.values())).shape
@@ -59,9 +63,6 @@ def _inputs(batch: dict, variant, device: str) -> dict:
 
 
 def bench_variant(params: Mapping, name: str, batch: dict, device: str, warmup: int, repeats: int) -> dict:
-    from nycdata.study.train import build_task
-    from nycdata.model.variants import get_variant
-
     variant = get_variant(name)
     rss_before = _rss_mb()
     if device == "cuda":
@@ -93,8 +94,6 @@ def bench_variant(params: Mapping, name: str, batch: dict, device: str, warmup: 
 
 def bench_loader(params: Mapping, min_seconds: float = 2.0) -> float:
     """Chips per second the train loader delivers (D4, configured workers), reading chip files from disk."""
-    from nycdata.data.dataset import NYCDataModule
-
     loader = NYCDataModule.from_params(params, pin_memory=torch.cuda.is_available()).train_dataloader()
     chips, started = 0, time.perf_counter()
     while time.perf_counter() - started < min_seconds:
@@ -105,11 +104,6 @@ def bench_loader(params: Mapping, min_seconds: float = 2.0) -> float:
 
 def bench_thought_cache(params: Mapping, device: str, n_chips: int = 2) -> float:
     """Seconds per chip to think all 8 D4 transforms x the cached samples (the caching pass)."""
-    from nycdata.data.dataset import ChipDataset
-    from nycdata.model.thinking import cached_samples, think_chip
-    from nycdata.study.train import build_task
-    from nycdata.model.variants import get_variant
-
     task = build_task(params, get_variant("tim")).to(device).eval()
     dataset = ChipDataset(resolve_path(params["data_root"]), "train", get_variant("tim").modalities)
     think_chip(task, dataset[0], 1, params["thought_seed"], params["precision"])  # warm-up
@@ -123,8 +117,6 @@ def bench_thought_cache(params: Mapping, device: str, n_chips: int = 2) -> float
 
 def run_bench(params: Mapping, device: str = "cpu", warmup: int = 2, repeats: int = 5,
               log: Callable[[str], None] = print) -> dict:
-    from nycdata.data.dataset import NYCDataModule
-    from nycdata.study.chain import prepare_dataset
 
     if device == "cuda":
         if not torch.cuda.is_available():
@@ -152,21 +144,15 @@ def run_bench(params: Mapping, device: str = "cpu", warmup: int = 2, repeats: in
 
 def _timed_as(name: str) -> str:
     """The benchmarked variant whose step time stands in for ``name`` (inputs aside: S1-only runs cost less)."""
-    from nycdata.model.variants import get_variant
-
     variant = get_variant(name)
     return "tim_cached" if variant.cached else "tim" if variant.is_tim else "baseline"
 
 
 def project_study(params: Mapping, result: dict) -> dict:
     """Hours the study of ``params`` takes at the measured speeds: every epoch runs (early stopping only shortens)."""
-    from nycdata.data import chips
-    from nycdata.model.variants import cached_twin, get_variant
-
     index = chips.read_index(resolve_path(params["data_root"]))
     folds = max(params["cv_folds"], 1)
     if params["cv_folds"]:  # chips per split averaged over the folds
-        from nycdata.data.dataset import split_spec
 
         counts = chips.fold_roles(index, split_spec(params)).groupby("split")["chips"].sum() / folds
     else:

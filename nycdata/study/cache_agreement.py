@@ -32,9 +32,12 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from nycdata.data.dataset import prepare_dataset
 from nycdata.io import write_json
-from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir, run_root
 from nycdata.model.variants import VARIANTS, Variant, cached_twin, get_variant
+from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir, run_root
+from nycdata.study.evaluate import FinishedRun, TEST_METRICS_FILE, test_run
+from nycdata.study.train import fine_tune, variant_datamodule
 
 AGREEMENT_DIR = "cache_agreement"
 
@@ -61,7 +64,6 @@ def check_agreement(params: Mapping, thought_seeds: Sequence[int] = (0, 1, 2), l
     online, cached = cached_pair(params["variant"])
     if len(set(thought_seeds)) < 2:
         raise ValueError(f"thought_seeds {list(thought_seeds)}: the spread of thought sampling needs at least 2 distinct seeds")
-    from nycdata.study.chain import prepare_dataset
 
     prepare_dataset(params, log)
     online_miou = [_fine_tune_and_test(_cell_params(params, online, t), log) for t in thought_seeds]
@@ -105,9 +107,6 @@ def _cell_params(params: Mapping, variant: Variant, thought_seed: int) -> dict:
 
 def _fine_tune_and_test(params: Mapping, log: Callable[[str], None]) -> float:
     """Fine-tune (or continue, or reuse) one cell and return its test mIoU."""
-    from nycdata.study.evaluate import TEST_METRICS_FILE, FinishedRun, test_run
-    from nycdata.study.train import fine_tune, variant_datamodule
-
     run = FinishedRun(params["variant"], params["seed"], cell_dir(params), params["fold"] if params["cv_folds"] else None)
     log(f"cache check: {run.variant} with thought_seed {params['thought_seed']} in {run.path}")
     fine_tune(params, resume=True, log=log)

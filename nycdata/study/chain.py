@@ -16,35 +16,10 @@ from typing import Callable, Mapping
 
 import yaml
 
-from nycdata.data import chips
-from nycdata.params import REPO_ROOT, TRAIN_SUMMARY_FILE, cell_dir, resolve_path, run_root
-
-
-def prepare_dataset(params: Mapping, log: Callable[[str], None] = print, validate: bool = True) -> Path:
-    """Return the dataset directory of ``params`` (validated unless told not to), generating the fixture if asked to."""
-    from nycdata.data.fixture import FixtureConfig, ensure_fixture
-    from nycdata.data.validate import validate_dataset
-
-    data_root = resolve_path(params["data_root"])
-    if params["fixture"]:
-        config = FixtureConfig(chips=params["fixture_chips"], size=params["fixture_size"],
-                               timesteps=params["timesteps"], seed=params["fixture_seed"])
-        ensure_fixture(data_root, config)
-        log(f"dataset: fixture at {data_root}")
-    elif not (data_root / chips.SPEC_FILE).is_file():
-        raise FileNotFoundError(
-            f"data_root {data_root} holds no chip dataset. Build it from real sources "
-            "(`python -m nycdata build`, see README) or run with `-f params/fixture.yaml`."
-        )
-    if not validate:
-        return data_root
-    problems = validate_dataset(data_root)
-    if problems:
-        listing = "\n  ".join(map(str, problems[:20]))
-        raise ValueError(f"dataset {data_root} failed validation ({len(problems)} problems):\n  {listing}")
-    log(f"dataset: {data_root} validated")
-    return data_root
-
+from nycdata.data.dataset import prepare_dataset
+from nycdata.model.variants import get_variant
+from nycdata.params import REPO_ROOT, TRAIN_SUMMARY_FILE, cell_dir, run_root
+from nycdata.study.report import write_summary
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -64,8 +39,6 @@ class Step:
 
 def notebook_steps(params: Mapping) -> list[Step]:
     """01, 02, 03 for every fold x seed x variant (the study grid), 04, and 05 when a LULC-thinking ``tim`` run is part of it."""
-    from nycdata.model.variants import get_variant
-
     variants = [get_variant(v).name for v in params["variants"]]
     seeds = list(params["seeds"])
     if not seeds or len(set(seeds)) != len(seeds):
@@ -119,8 +92,6 @@ def run_pipeline(params: Mapping, overwrite: bool = False, resume: bool = False,
     study) an existing folder is continued: finished steps are skipped, an interrupted fine-tune resumes from
     its ``last.ckpt``, and 04/05 run again only when a fine-tune ran.
     """
-    from nycdata.study.report import write_summary
-
     root = run_root(params)
     steps = notebook_steps(params)  # unknown variants or bad seeds fail before anything runs
     if root.exists() and any(root.iterdir()) and not resume:

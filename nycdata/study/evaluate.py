@@ -18,11 +18,12 @@ import torch
 
 from nycdata.data import chips
 from nycdata.data.classes import CLASS_NAMES, NUM_CLASSES
-from nycdata.io import write_json
 from nycdata.data.metrics import CM_COLUMNS, metrics_from_confusion, per_chip_confusion
+from nycdata.io import write_json
+from nycdata.model.variants import COMPARISONS, CONTROLS, get_variant
 from nycdata.params import resolve_path, run_root
+from nycdata.study.stats import paired_bootstrap, with_gate
 from nycdata.study.train import SUMMARY_FILE, NYCSegmentationTask, seed_everything, training_device, variant_datamodule
-from nycdata.model.variants import COMPARISONS, get_variant
 
 TEST_METRICS_FILE = "test_metrics.json"
 PER_CHIP_FILE = "per_chip.csv"
@@ -153,7 +154,6 @@ def arm_parameters(root: Path) -> dict[str, dict]:
             groups.setdefault(run.variant, summary["parameters"])
     return groups
 
-
 # Groups that must train alike in both arms of a comparison; thinking adds only the thought embedding (and a frozen
 # generator and tokenizer) to a TiM arm.
 MATCHED_GROUPS = ("input embeddings", "encoder blocks", "decoder and head")
@@ -186,8 +186,6 @@ def compare(per_chip: pd.DataFrame, n_boot: int = 2000, publish_rule: str = "del
     (e.g. upstream TiM's frozen input embeddings against a baseline that trains them): it is reported with the
     difference and never published. Controls (freezing alone) get no verdict.
     """
-    from nycdata.study.stats import paired_bootstrap, with_gate
-    from nycdata.model.variants import CONTROLS
 
     table = variant_metrics(per_chip)
     result = {}

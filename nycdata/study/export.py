@@ -13,11 +13,12 @@ from typing import Mapping
 
 import yaml
 
-from nycdata.params import resolve_path
 from nycdata.data.dataset import split_kwargs
+from nycdata.data.thoughts import generated_root
+from nycdata.model.variants import get_variant
+from nycdata.params import resolve_path
 from nycdata.params import cell_dir
 from nycdata.study.train import MONITOR, task_kwargs
-from nycdata.model.variants import get_variant
 
 
 def lightning_config(params: Mapping) -> dict:
@@ -51,8 +52,6 @@ def lightning_config(params: Mapping) -> dict:
 
 def _generated_input(params: Mapping, variant) -> dict:
     """tim_input reads LULC that `python -m nycdata run` (or notebook 03) generated into the run folder."""
-    from nycdata.model.generated import generated_root
-
     return {"generated_root": str(generated_root(params))} if variant.generated else {}
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 
 from nycdata.data.classes import CLASS_COLOURS, CLASS_NAMES, colormap, legend_handles
+from nycdata.model.tim import ESRI_LULC_CLASSES, ESRI_LULC_COLOURS
+from nycdata.study.stats import present_interval
 
 S2_RGB = (3, 2, 1)  # B04, B03, B02 within a timestep
 
@@ -110,8 +112,6 @@ def thought_panel(rgb_image, truth, esri_map, thought_classes, tokens, predictio
     """S2 RGB, ground truth, decoded thought (ESRI legend), thought in our classes, token grid, predictions."""
     from matplotlib.colors import ListedColormap
 
-    from nycdata.model.tim import ESRI_LULC_CLASSES, ESRI_LULC_COLOURS
-
     n = 5 + len(predictions)
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0))
     axes[0].imshow(rgb_image)
@@ -134,8 +134,6 @@ def thought_panel(rgb_image, truth, esri_map, thought_classes, tokens, predictio
 
 def _forest_row(ax, y: float, centre: float, interval, marker: str, colour: str, label) -> None:
     """One point with its interval bar, or the point alone marked "no interval" when the interval is missing."""
-    from nycdata.study.stats import present_interval
-
     present = present_interval(interval)
     ax.plot(centre, y, marker=marker, color=colour, linestyle="none", label=label)
     if present is None:

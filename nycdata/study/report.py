@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from nycdata.data.classes import CLASS_NAMES
-from nycdata.study.evaluate import COMPARISON_FILE, PER_CHIP_FILE, variant_metrics
+from nycdata.study import plots
+from nycdata.study.evaluate import COMPARISON_FILE, PER_CHIP_FILE, per_chip_gain, variant_metrics
 from nycdata.study.stats import FEW_PARENTS, PUBLISH_RULES, check_publish_rule, interval_text
 
 SUMMARY_FILE = "summary.md"
@@ -104,9 +105,6 @@ def publish_rule_text(comparison: dict, params: dict) -> str:
 def write_figures(root: Path, per_chip: pd.DataFrame, comparison: dict) -> list[Path]:
     """Forest plot, per-class deltas and (when 05 ran) per-chip TiM gain against thought agreement."""
     import matplotlib.pyplot as plt
-
-    from nycdata.study import plots
-    from nycdata.study.evaluate import per_chip_gain
 
     figures = root / "figures"
     figures.mkdir(exist_ok=True)

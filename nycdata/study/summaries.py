@@ -12,8 +12,9 @@ import rasterio
 import torch
 
 from nycdata.data import chips
+from nycdata.data.chips import TERRAMIND_V1_STATS
 from nycdata.data.classes import CLASS_NAMES
-from nycdata.data.dataset import TERRAMIND_V1_STATS
+from nycdata.model.tim import thought_embedding_keys
 from nycdata.sources.manifest import OFFSET_DATE
 
 
@@ -60,7 +61,6 @@ def data_summary(index, spec: chips.DatasetSpec, roles: pd.DataFrame | None = No
             for fold in sizes.index},
     }
 
-
 PARAMETER_GROUPS = ("input embeddings", "thought embedding", "encoder blocks", "decoder and head", "generator", "tokenizer")
 
 
@@ -71,8 +71,6 @@ def parameter_groups(model: torch.nn.Module) -> pd.DataFrame:
     is counted once, in the encoder's group, with ``shared_with_generator`` saying so. Every row is present
     (zeros for a plain backbone), so tables of different variants line up.
     """
-    from nycdata.model.tim import thought_embedding_keys
-
     thought_keys = thought_embedding_keys(model)
     generator = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if ".sampler." in n}
     table = pd.DataFrame(0, index=list(PARAMETER_GROUPS), columns=["trainable", "frozen", "shared_with_generator"])

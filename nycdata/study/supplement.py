@@ -16,8 +16,11 @@ from typing import Callable, Mapping
 
 import yaml
 
+from nycdata.data.classes import CLASSES
 from nycdata.io import replace_dir_atomically
 from nycdata.params import run_root
+from nycdata.study.evaluate import finished_runs
+from nycdata.study.stats import interval_text
 
 SUPPLEMENT_DIR = "supplement"
 CARD_FILE = "MODEL_CARD.md"
@@ -46,8 +49,6 @@ def _require(root: Path, name: str) -> Path:
 
 def _verdict_text(name: str, c: Mapping) -> str:
     """One comparison's verdict in the report's words: a missing interval reads as in summary.md, never as NaN."""
-    from nycdata.study.stats import interval_text
-
     n = c["n_parents"]
     delta = c.get("delta_miou_pp_rounded", c["delta_miou_pp"])
     p = c.get("sign_flip_p")
@@ -60,8 +61,6 @@ def _verdict_text(name: str, c: Mapping) -> str:
 
 def model_card(root: Path, params: Mapping) -> str:
     """A Hugging Face model card: model, data, classes, splits, metrics with CIs, limitations, how to reproduce."""
-    from nycdata.data.classes import CLASSES
-
     comparison = json.loads(_require(root, "comparison.json").read_text())
     data = json.loads(_require(root, "data_summary.json").read_text())
     summary = _require(root, "summary.md").read_text()
@@ -135,7 +134,6 @@ def upload_plan(params: Mapping, comparison_name: str = "tim_vs_baseline") -> li
             (supplement / "results.csv", "results.csv")]
     comparison = json.loads((supplement / "comparison.json").read_text())[comparison_name]
     if comparison["publish"]:  # the first seed's model of every fold (cross-validation trains one per fold)
-        from nycdata.study.evaluate import finished_runs
 
         seed = comparison["seeds"][0]
         for run in finished_runs(root):

@@ -24,22 +24,21 @@ from terratorch.tasks import SemanticSegmentationTask
 from nycdata.data.classes import CLASS_NAMES, IGNORE_INDEX
 from nycdata.data.dataset import NYCDataModule, record_folds
 from nycdata.io import write_json
+from nycdata.model import thinking, weights
 from nycdata.model.factory import backbone_built_outside_global_rng
-from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir
-from nycdata.study.summaries import parameter_groups
+from nycdata.model.generated import generate_lulc
 from nycdata.model.tim import (check_generator, freeze_input_embeddings, generator_tensor_count, isolate_thought_rng,
-                         remember_tokenizer, share_random_generator, tokenizers_deferred, untie_generator_embeddings)
+                               remember_tokenizer, share_random_generator, tokenizers_deferred,
+                               untie_generator_embeddings, use_cached_thoughts)
 from nycdata.model.variants import Variant, get_variant, variant_model_args
+from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir
+from nycdata.seeding import seed_everything
+from nycdata.study.summaries import parameter_groups
 
 SUMMARY_FILE = TRAIN_SUMMARY_FILE
 METRICS_FILE = "metrics.csv"
 WALL_TIME_FILE = "wall_time_s.txt"
 MONITOR = "val/loss"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python ``random`` (TiM draws its generation seed from it), numpy, torch and loader workers."""
-    pl.seed_everything(seed, workers=True, verbose=False)
 
 
 class NYCSegmentationTask(SemanticSegmentationTask):
@@ -67,8 +66,6 @@ class NYCSegmentationTask(SemanticSegmentationTask):
                             frozen_input_embeddings=frozen_input_embeddings, random_generator=random_generator)
         share_random_generator(self.model, self.hparams["model_args"], force=random_generator)
         if cached_thoughts:
-            from nycdata.model.thinking import use_cached_thoughts
-
             use_cached_thoughts(self.model)  # drops the generator, and with it any sharing of embeddings
         if not share_generator_embeddings:
             untie_generator_embeddings(self.model)  # TiM's embeddings train like the baseline's (see its docstring)
@@ -106,8 +103,6 @@ def build_task(params: Mapping, variant: Variant) -> NYCSegmentationTask:
     ``task.generator_report`` says what was checked: ``{"tensors", "verified", "source"}`` (None for a plain backbone).
     """
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    from nycdata.model import weights
 
     weights.use_cache_dir(params)
     random_warning = check_generator(params, variant)
@@ -168,15 +163,22 @@ def variant_datamodule(params: Mapping, variant: Variant, log: Callable[[str], N
     or the thought cache of a ``*_cached`` variant (filled on first use), for the fold and seed of ``params``."""
     generated = cache = None
     if variant.generated:
-        from nycdata.model.generated import generate_lulc
-
         generated = str(generate_lulc(params, variant, log))
     if variant.cached:
-        from nycdata.model.thinking import cache_thoughts
-
         cache = str(cache_thoughts(params, variant, log))
     return NYCDataModule.from_params({**params, "modalities": list(variant.modalities)}, generated_root=generated,
                                      thought_cache=cache, **overrides)
+
+
+def cache_thoughts(params: Mapping, variant: Variant, log: Callable[[str], None] = print):
+    """The thought cache a ``*_cached`` variant reads: reused when finished under the same settings, else thought
+    once by its online TiM twin (built and verified like any TiM model, then dropped)."""
+    root = thinking.finished_cache(params, variant)
+    if root is None:
+        task = build_task(params, get_variant(variant.online))
+        root = thinking.fill_thought_cache(task, params, variant, training_device(params), log)
+        del task  # the generator is only needed for this pass
+    return root
 
 
 def training_device(params: Mapping) -> torch.device:
