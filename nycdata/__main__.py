@@ -51,7 +51,8 @@ def cmd_run(args) -> int:
 
     params = _params(args)
     started = time.monotonic()
-    run_dir = run_pipeline(params, overwrite=getattr(args, "overwrite", False), resume=args.command == "study", log=_log)
+    resume = args.command == "study" or getattr(args, "resume", False)
+    run_dir = run_pipeline(params, overwrite=getattr(args, "overwrite", False), resume=resume, log=_log)
     _log(f"run: finished in {time.monotonic() - started:.0f} s; outputs in {run_dir}")
     return 0
 
@@ -104,22 +105,24 @@ def cmd_build(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from nycdata.sources import fetch
-
     params = _params(args)
     out = Path(args.out_dir)
     common = dict(bbox=tuple(params["fetch_bbox"]), dry_run=args.dry_run, log=_log)
     window = dict(start=params["fetch_start"] or None, end=params["fetch_end"] or None)
     if args.source == "stac":
-        from nycdata.sources import stac
+        from nycdata.sources.stac import fetch_stac
 
-        stac.fetch_stac(out, **common, **window, timesteps=params["timesteps"], max_cloud=params["max_cloud_cover"],
-                        parent_px=params["parent_size_px"], s1_max_days=params["s1_max_days"],
-                        catalog=params["stac_catalog"])
+        fetch_stac(out, **common, **window, timesteps=params["timesteps"], max_cloud=params["max_cloud_cover"],
+                   parent_px=params["parent_size_px"], s1_max_days=params["s1_max_days"],
+                   catalog=params["stac_catalog"])
     elif args.source == "majortom":
-        fetch.fetch_majortom(out, **common, **window, max_cloud=params["max_cloud_cover"])
+        from nycdata.sources.majortom import fetch_majortom
+
+        fetch_majortom(out, **common, **window, max_cloud=params["max_cloud_cover"])
     else:
-        fetch.fetch_worldcover(out, **common)
+        from nycdata.sources.worldcover import fetch_worldcover
+
+        fetch_worldcover(out, **common)
     _log("fetch: dry run, nothing written" if args.dry_run else f"fetch: manifest {out / 'sources.csv'}")
     return 0
 
@@ -206,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _params_command(sub, "run", "run the notebook chain for a params file into output_root/run_name", cmd_run)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder instead of failing")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in its folder: finished cells are skipped, a stopped fine-tune resumes")
     p = _params_command(sub, "bench", "time train steps (baseline, tim, tim_cached), inference, thought caching, loader",
                         cmd_bench)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -217,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=float, default=0.95,
                    help="the cached run must fall in this prediction interval of the online runs (default 0.95)")
     for name, help_text, func in (
-        ("study", "run or continue the variants x seeds grid: finished cells are skipped", cmd_run),
+        ("study", "the study grid (variants x seeds x folds): the same as `run --resume`", cmd_run),
         ("supplement", "pack the run's supplementary material (folder + zip) with its model card", cmd_supplement),
         ("publish", "upload the model card (+ TiM checkpoint if the gate says so); dry run by default", cmd_publish),
         ("export-config", "print a LightningCLI config for `terratorch fit --config`", cmd_export_config),

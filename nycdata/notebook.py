@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from nycdata.params import load_params, run_root
+from nycdata.params import load_params
+from nycdata.runs import run_root
 
 
 def notebook_params(namespace: dict, before: set[str]) -> dict:

@@ -19,7 +19,6 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_DIR = REPO_ROOT / "params"
 DEFAULTS_FILE = PARAMS_DIR / "nyc.yaml"
-PATH_KEYS = ("data_root", "output_root")
 
 
 class ParamError(ValueError):
@@ -55,23 +54,6 @@ def resolve_path(value: str | Path) -> Path:
     """A params path: absolute as given, relative to the repository root otherwise."""
     path = Path(value).expanduser()
     return path if path.is_absolute() else REPO_ROOT / path
-
-
-def run_root(params: Mapping[str, Any]) -> Path:
-    """The run folder ``output_root/run_name``: every result of a run lives below it."""
-    return resolve_path(params["output_root"]) / params["run_name"]
-
-
-TRAIN_SUMMARY_FILE = "train_summary.json"  # in a cell folder once its training finished
-
-
-def cell_dir(params: Mapping) -> Path:
-    """The run folder of one study cell: ``<run>/<variant>/seed<k>``, or ``<run>/<variant>/fold<f>/seed<k>``
-    under cross-validation (``cv_folds`` > 0)."""
-    folder = run_root(params) / params["variant"]
-    if params["cv_folds"]:
-        folder = folder / f"fold{params['fold']}"
-    return folder / f"seed{params['seed']}"
 
 
 def _merge(params: dict, new: Mapping[str, Any], source: str) -> None:

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from nycdata.data import chips
 from nycdata.__main__ import main
-from nycdata.study.bench import VARIANTS
+from nycdata.data import chips
 from nycdata.params import PARAMS_DIR
+from nycdata.study.bench import VARIANTS
 
 
 def test_bench_writes_every_number(tmp_path, capsys):

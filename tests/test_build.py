@@ -9,8 +9,9 @@ import rasterio
 from nycdata.data import chips
 import random
 
-from nycdata.sources.build import (Grid, OffsetDecision, SourceError, _dem, build_dataset, choose_dates, grouped_split, harmonise,
-                           match_s1_dates, needs_offset)
+from nycdata.sources.build import (Grid, OffsetDecision, _dem, build_dataset, choose_dates, grouped_split, harmonise,
+                                   match_s1_dates)
+from nycdata.sources.manifest import SourceError, needs_offset
 from nycdata.data.chips import TERRAMIND_V1_STATS
 from nycdata.params import PARAMS_DIR, load_params
 from nycdata.sources.synthetic import SyntheticSourcesConfig, make_sources

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nycdata.data import chips
 from nycdata.__main__ import main
+from nycdata.data import chips
 
 FIXTURE_ARGS = ["--chips", "12", "--size", "32", "--timesteps", "2", "--seed", "0"]
 

@@ -5,11 +5,13 @@ import yaml
 from terratorch.cli_tools import build_lightning_cli
 
 from nycdata.__main__ import main
-from nycdata.data.fixture import FixtureConfig, make_fixture
-from nycdata.params import PARAMS_DIR, load_params
 from nycdata.data.dataset import NYCDataModule
-from nycdata.study.train import NYCSegmentationTask, task_kwargs
+from nycdata.data.fixture import FixtureConfig, make_fixture
 from nycdata.model.variants import get_variant
+from nycdata.params import PARAMS_DIR, load_params
+from nycdata.study.config import task_kwargs
+from nycdata.study.export import lightning_config
+from nycdata.study.train import NYCSegmentationTask, make_trainer
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +40,21 @@ def test_terratorch_fit_accepts_the_exported_config(tmp_path, data_dir, variant,
                                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
     assert isinstance(cli.model, NYCSegmentationTask) and isinstance(cli.datamodule, NYCDataModule)
+
+
+def test_fine_tunes_trainer_is_the_exported_trainer(tmp_path, data_dir):
+    """make_trainer instantiates the trainer section export-config prints (same arguments, callbacks, settings)."""
+    params = load_params(PARAMS_DIR / "fixture.yaml", overrides={
+        "variant": "tim", "data_root": str(data_dir), "cv_folds": 0, "max_epochs": 3, "early_stopping_patience": 2})
+    exported = lightning_config(params)["trainer"]
+    run_dir = tmp_path / "cell"
+    trainer = make_trainer(params, run_dir, log=lambda m: None)
+    assert trainer.max_epochs == exported["max_epochs"] == 3 and trainer.log_every_n_steps == exported["log_every_n_steps"]
+    assert trainer.progress_bar_callback is None and not exported["enable_progress_bar"]
+    configured = [spec["class_path"].rsplit(".", 1)[1] for spec in exported["callbacks"]]
+    built = {type(c).__name__: c for c in trainer.callbacks}  # Lightning moves checkpointing last
+    assert configured == ["ModelCheckpoint", "EarlyStopping", "BatchSeeds"] and set(configured) <= set(built)
+    checkpoint, stopper = built["ModelCheckpoint"], built["EarlyStopping"]
+    assert (stopper.patience, stopper.monitor) == (exported["callbacks"][1]["init_args"]["patience"], "val/loss") == (2, "val/loss")
+    assert checkpoint.dirpath == str(run_dir / "checkpoints")
+    assert exported["callbacks"][0]["init_args"]["dirpath"].endswith("-cli/checkpoints"), "the CLI writes beside, not over"

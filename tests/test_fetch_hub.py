@@ -1,4 +1,5 @@
-"""nycdata.sources.fetch against the real client libraries, served from 127.0.0.1 (tests/local_http.py).
+"""nycdata.sources.majortom and nycdata.sources.worldcover against the real client libraries, served from
+127.0.0.1 (tests/local_http.py).
 
 ``huggingface_hub`` (``hf_hub_download`` and ``HfFileSystem``) talks to a fake Hugging Face Hub holding the three
 Major-TOM Core datasets, and ``requests`` to a fake WorldCover bucket; then the fetched folder is built with
@@ -17,7 +18,7 @@ What the fake Hub has to answer, read off huggingface_hub 2.x (``file_download.p
   (does the repo exist: ``{"id", "sha"}``) and ``GET /api/datasets/<repo>/tree/<revision>/<folder>`` (the
   file's size), then reads byte ranges of the resolve URL (following the redirect).
 
-The served files use the real column names (see the comments at the schemas), so a rename in nycdata.sources.fetch
+The served files use the real column names (see the comments at the schemas), so a rename in nycdata.sources.majortom
 fails here, and a rename served here must fail with a message naming the column and the file.
 """
 
@@ -38,7 +39,10 @@ from rasterio.warp import transform as warp_transform
 
 from local_http import LocalServer, allow_only_loopback, running
 from nycdata.data import chips
-from nycdata.sources.fetch import S2_BANDS, fetch_majortom, fetch_worldcover, read_manifest
+from nycdata.data.chips import S2L2A_BANDS
+from nycdata.sources.majortom import fetch_majortom
+from nycdata.sources.manifest import read_manifest
+from nycdata.sources.worldcover import fetch_worldcover
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 UTM = "EPSG:32618"
@@ -59,7 +63,7 @@ DEM_METADATA = ["grid_cell", "grid_row_u", "grid_col_r", "nodata", "max_val", "m
 # Image shards: the `dataset_info` features of the dataset cards (huggingface.co/datasets/Major-TOM/Core-S2L2A and
 # Core-S1RTC README.md); Core-DEM from its dataset viewer (grid_cell, thumbnail, compressed, DEM; DEM a 356 x 356
 # 32-bit GeoTIFF).
-S2_SHARD = ["product_id", "grid_cell", "product_datetime", "thumbnail", *S2_BANDS, "cloud_mask"]
+S2_SHARD = ["product_id", "grid_cell", "product_datetime", "thumbnail", *S2L2A_BANDS, "cloud_mask"]
 S1_SHARD = ["product_id", "grid_cell", "product_datetime", "thumbnail", "vv", "vh"]
 DEM_SHARD = ["grid_cell", "thumbnail", "compressed", "DEM"]
 
@@ -135,7 +139,7 @@ def majortom_repos():
     s2_shards, s2_meta = {1: [], 2: []}, []
     for cell, day, cloud, product, part in S2_PRODUCTS:
         row = {"product_id": product, "grid_cell": cell, "product_datetime": f"{day}T154911", "thumbnail": b"\x89PNG",
-               "cloud_mask": b"", **{band: s2_band(cell, band, rng) for band in S2_BANDS}}
+               "cloud_mask": b"", **{band: s2_band(cell, band, rng) for band in S2L2A_BANDS}}
         s2_meta.append({**grid(cell), "product_id": product, "timestamp": f"{day}T154911", "cloud_cover": cloud,
                         "parquet_url": hf_url("Core-S2L2A", part), "parquet_row": len(s2_shards[part]),
                         "geometry": Point(CELLS[cell][::-1]).wkb})

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from terratorch.models import EncoderDecoderFactory
 
 from nycdata.data.dataset import ChipDataset
 from nycdata.data.fixture import FixtureConfig, make_fixture
-from nycdata.model.factory import backbone_name, build_model, model_args
+from nycdata.model.factory import backbone_name, model_args
 
 T, SIZE = 2, 64
 
@@ -28,7 +29,8 @@ def test_tiny_terramind_overfits_fixture_chips(tmp_path):
     ds = ChipDataset(data_dir, "train")
     batch = torch.utils.data.default_collate([ds[i] for i in range(min(3, len(ds)))])
     torch.manual_seed(0)
-    model = build_model(model_size="tiny", modalities=["S2L2A", "S1RTC", "DEM"], timesteps=T, pretrained=False)
+    args = model_args(model_size="tiny", modalities=["S2L2A", "S1RTC", "DEM"], timesteps=T, pretrained=False)
+    model = EncoderDecoderFactory().build_model(task="segmentation", **args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=255)
     losses = []

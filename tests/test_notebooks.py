@@ -12,9 +12,9 @@ import yaml
 
 from nycdata.data.chips import S2L2A_BANDS
 from nycdata.data.chips import TERRAMIND_V1_STATS
-from nycdata.study.stats import with_gate
 from nycdata.params import defaults
 from nycdata.study.chain import NOTEBOOK_DIR, execute_notebook, run_pipeline
+from nycdata.study.stats import with_gate
 
 from conftest import CHAIN_CHIPS as CHIPS, CHAIN_SIZE as SIZE, CHAIN_TIMESTEPS as T
 

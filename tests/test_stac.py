@@ -23,8 +23,10 @@ from affine import Affine
 from local_http import LocalServer, allow_only_loopback, running
 from stac_fakes import (S1Slice, S2Tile, FakeStacApi, add_dem_item, add_s1_item, add_s2_item, add_worldcover_item)
 
+from nycdata.data.chips import S2L2A_BANDS
 from nycdata.sources import stac
-from nycdata.sources.fetch import S2_BANDS, OfflineError, read_manifest
+from nycdata.sources.http import OfflineError
+from nycdata.sources.manifest import read_manifest
 
 CELL_PX, CELL = 128, 1280
 X0, Y0 = 457 * CELL, 3520 * CELL  # lower-left corner of P0
@@ -47,7 +49,7 @@ TIMESTEPS, MAX_CLOUD, DEM_HEIGHT, WC_SPLIT_LON = 3, 30.0, 12.5, -73.9565
 
 
 def s2_value(day: str, band: str) -> int:
-    return 1000 + 100 * list(S2_SCENES).index(day) + 5 * S2_BANDS.index(band)
+    return 1000 + 100 * list(S2_SCENES).index(day) + 5 * S2L2A_BANDS.index(band)
 
 
 def s1_values(day: str) -> tuple[float, float]:
@@ -66,7 +68,7 @@ def serve_scene(api: FakeStacApi, rename: dict[str, str] | None = None) -> None:
     for day, tiles in S2_SCENES.items():
         for bounds, mgrs, cloud in tiles:
             add_s2_item(api, S2Tile(f"{day}T15:48:09.024000Z", mgrs, bounds, cloud),
-                        {b: s2_value(day, b) for b in S2_BANDS}, rename=rename)
+                        {b: s2_value(day, b) for b in S2L2A_BANDS}, rename=rename)
     for day in S1_DAYS:
         vv, vh = s1_values(day)
         if day == "2021-06-23":  # descending pass, two consecutive slices
@@ -209,8 +211,8 @@ def test_files_sit_on_the_parent_grid_with_the_served_values(fetched):
             assert src.transform == Affine(10, 0, X0 + i * CELL, 0, -10, Y0 + CELL)
             data = src.read()
             if row["modality"] == "S2L2A":
-                assert src.dtypes[0] == "uint16" and src.descriptions == S2_BANDS and src.nodata == 0
-                expected = np.array([s2_value(row["date"], b) for b in S2_BANDS])[:, None, None]
+                assert src.dtypes[0] == "uint16" and src.descriptions == S2L2A_BANDS and src.nodata == 0
+                expected = np.array([s2_value(row["date"], b) for b in S2L2A_BANDS])[:, None, None]
                 np.testing.assert_array_equal(data, np.broadcast_to(expected, data.shape))
             elif row["modality"] == "S1RTC":
                 assert src.descriptions == ("VV", "VH") and src.dtypes[0] == "float32"

@@ -8,12 +8,11 @@ import pandas as pd
 import pytest
 import rasterio
 
-from nycdata.data.chips import S2L2A_BANDS
+from nycdata.data.chips import NYC_BBOX, S2L2A_BANDS
 from nycdata.data.classes import IGNORE_INDEX, WORLDCOVER_CODES
-from nycdata.data.fixture import NYC_BBOX_LONLAT, S1_SIGNATURES_DB, S2_SIGNATURES
-from nycdata.sources.synthetic import (
-    MANIFEST_COLUMNS, S2_BAND_RESOLUTION_M, SyntheticSourcesConfig, make_sources,
-)
+from nycdata.data.synthetic_scene import S1_SIGNATURES_DB, S2_SIGNATURES
+from nycdata.sources.manifest import MANIFEST_COLUMNS
+from nycdata.sources.synthetic import S2_BAND_RESOLUTION_M, SyntheticSourcesConfig, make_sources
 
 DEFAULT = SyntheticSourcesConfig()
 # Small and different in every option the default leaves alone.
@@ -249,7 +248,7 @@ def test_parents_inside_bbox_and_disjoint(default_sources):
         a, _, c, _, e, f = truth["transform"]
         assert c % 60 == 0 and f % 60 == 0
         boxes.append(transform_bounds(str(truth["crs"]), "EPSG:4326", c, f + 160 * e, c + 160 * a, f))
-    lon0, lat0, lon1, lat1 = NYC_BBOX_LONLAT
+    lon0, lat0, lon1, lat1 = NYC_BBOX
     assert all(lon0 < w and lat0 < s and e < lon1 and n < lat1 for w, s, e, n in boxes)
     assert all(a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1] for i, a in enumerate(boxes) for b in boxes[i + 1:])
 

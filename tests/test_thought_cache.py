@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from nycdata.data.fixture import FixtureConfig, make_fixture
-from nycdata.params import PARAMS_DIR, load_params
 from nycdata.data.thoughts import THOUGHTS_KEY, cache_root, tokens_to_map
 from nycdata.model.thinking import autocast, thought_stream_seed
 from nycdata.model.tim import CachedThoughts, capture_thoughts, tim_backbone
+from nycdata.model.variants import get_variant
+from nycdata.params import PARAMS_DIR, load_params
 from nycdata.seeding import seed_everything
 from nycdata.study.train import build_task, cache_thoughts, fine_tune
-from nycdata.model.variants import get_variant
 
 B, T, SIZE = 2, 2, 32
 
@@ -140,7 +140,8 @@ def test_online_thinking_leaves_the_global_rng_alone_and_every_random_build_shar
 
 def test_cache_check_reuses_study_cells_trains_the_rest_aside_and_reports_agreement(params, capsys):
     from nycdata.__main__ import main
-    from nycdata.study.cache_agreement import AGREEMENT_DIR, check_agreement
+    from nycdata.study.cache_agreement import check_agreement
+    from nycdata.runs import RunLayout
 
     checked = {**params, "variant": "tim_cached", "seed": 3, "fixture": False}  # data_root holds a smaller fixture
     study_cell = fine_tune({**checked, "resume": True}, log=lambda m: None)  # the study's tim_cached cell (seed 3)
@@ -154,9 +155,9 @@ def test_cache_check_reuses_study_cells_trains_the_rest_aside_and_reports_agreem
     reused = json.loads((run / "tim_cached" / "seed3" / "test_metrics.json").read_text())
     assert reused["miou"] == result["cached_miou"] and study_cell["seed"] == 3
     assert not (run / "tim").exists(), "the check must not add cells to the study's grid"
-    assert {p.relative_to(run / AGREEMENT_DIR).as_posix() for p in (run / AGREEMENT_DIR).glob("*/*/seed3")} == {
+    assert {p.relative_to(RunLayout(run).cache_agreement).as_posix() for p in (RunLayout(run).cache_agreement).glob("*/*/seed3")} == {
         "thought_seed0/tim/seed3", "thought_seed1/tim/seed3"}
-    assert json.loads((run / AGREEMENT_DIR / "tim_cached_seed3.json").read_text()) == result
+    assert json.loads((RunLayout(run).cache_agreement / "tim_cached_seed3.json").read_text()) == result
 
     overrides = [a for k, v in checked.items() if k in ("data_root", "output_root", "run_name", "max_epochs", "variant", "seed", "fixture", "cv_folds")
                  for a in ("-p", k, str(v))]

@@ -9,7 +9,7 @@ import torch
 
 from nycdata.data.fixture import FixtureConfig, make_fixture
 from nycdata.params import PARAMS_DIR, load_params
-from nycdata.params import cell_dir
+from nycdata.runs import cell_dir
 from nycdata.study.train import fine_tune, read_epoch_metrics
 
 

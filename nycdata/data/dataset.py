@@ -29,7 +29,8 @@ from nycdata.data.fixture import FixtureConfig, ensure_fixture
 from nycdata.data.thoughts import THOUGHTS_KEY, cached_sample_count, read_generated, read_thoughts
 from nycdata.data.validate import read_chip, validate_dataset
 from nycdata.io import atomic_write_text
-from nycdata.params import resolve_path, run_root
+from nycdata.params import resolve_path
+from nycdata.runs import RunLayout
 
 AUGMENTATIONS = ("d4", "none")
 D4_TRANSFORMS = 8
@@ -192,7 +193,7 @@ class NYCDataModule(pl.LightningDataModule):
         spec = chips.DatasetSpec.read(data_root)
         if spec.timesteps != params["timesteps"]:
             raise ValueError(f"parameter timesteps={params['timesteps']} but {data_root} has {spec.timesteps} timesteps per chip")
-        kwargs = dict(data_root=str(data_root), modalities=list(params["modalities"]), batch_size=params["batch_size"],
+        kwargs = dict(data_root=str(data_root), modalities=list(chips.INPUT_MODALITIES), batch_size=params["batch_size"],
                       num_workers=params["num_workers"], augment=params["augment"], normalization=params["normalization"],
                       pin_memory=torch.cuda.is_available(),  # pinned host memory speeds up copies to a GPU
                       seed=params["seed"], **split_kwargs(params))
@@ -242,7 +243,6 @@ def split_spec(params: Mapping) -> chips.SplitSpec:
     return chips.SplitSpec(params["cv_folds"], params["fold"], params["split_seed"], tuple(params["split_fractions"]))
 
 
-FOLDS_FILE = "folds.csv"
 
 
 def record_folds(params: Mapping) -> Path | None:
@@ -250,7 +250,7 @@ def record_folds(params: Mapping) -> Path | None:
     if not params["cv_folds"]:
         return None
     table = chips.fold_roles(chips.read_index(resolve_path(params["data_root"])), split_spec(params)).to_csv(index=False)
-    path = run_root(params) / FOLDS_FILE
+    path = RunLayout.of(params).folds
     if path.is_file() and path.read_text() != table:
         raise ValueError(f"{path} holds other folds than cv_folds={params['cv_folds']}, split_seed={params['split_seed']} "
                          f"and this dataset give: the run folder belongs to other split settings. Choose another "

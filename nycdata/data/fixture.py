@@ -5,7 +5,9 @@ which cannot be downloaded on CI. It is built to be *learnable*: labels are
 spatially coherent blobs and every input modality carries a class-dependent
 signature (water: dark in NIR and radar; vegetation: bright NIR; developed:
 bright, flat radar; bare: bright SWIR) plus noise, so a small model fits it
-within a few dozen steps. The same seed gives byte-identical files.
+within a few dozen steps. The signatures and blob label maps come from
+:mod:`nycdata.data.synthetic_scene`, shared with the synthetic raw sources of
+:mod:`nycdata.sources.synthetic`. The same seed gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -18,26 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from nycdata.data import chips
-from nycdata.data.chips import NYC_BBOX
-from nycdata.data.classes import IGNORE_INDEX, NUM_CLASSES, class_counts
+from nycdata.data.chips import NYC_BBOX, PIXEL_SIZE_M
+from nycdata.data.classes import IGNORE_INDEX, class_counts
+from nycdata.data.synthetic_scene import (DEM_OFFSET_M, S1_SIGNATURES_DB, S2_RED_EDGE_TO_NIR, S2_SIGNATURES,
+                                          blob_labels, smooth_field)
 from nycdata.io import replace_dir_atomically
 
-NYC_BBOX_LONLAT = NYC_BBOX
 UTM_CRS = "EPSG:32618"
-PIXEL_SIZE_M = 10.0
-
-# Mean surface reflectance x 10000 per class for B01..B12 (no B10).
-S2_SIGNATURES = np.array([
-    [300, 420, 520, 360, 300, 260, 230, 210, 190, 130, 90, 70],             # water
-    [1200, 1300, 1420, 1520, 1620, 1700, 1750, 1800, 1820, 1700, 2050, 1900],  # developed
-    [300, 420, 620, 420, 950, 2500, 3000, 3200, 3300, 3250, 1600, 820],     # trees
-    [420, 520, 820, 720, 1250, 2300, 2600, 2800, 2900, 2850, 2400, 1550],   # herbaceous
-    [1400, 1600, 1900, 2200, 2400, 2600, 2700, 2800, 2900, 2800, 3300, 2900],  # other (bare)
-], dtype=np.float64)
-S2_RED_EDGE_TO_NIR = slice(4, 10)  # bands that follow the vegetation season
-# Mean backscatter in dB (VV, VH) per class.
-S1_SIGNATURES_DB = np.array([[-21.0, -27.5], [-5.5, -12.0], [-8.5, -14.5], [-11.5, -18.5], [-13.0, -20.5]])
-DEM_OFFSET_M = np.array([-4.0, 2.0, 6.0, 1.0, 0.0])  # relative to each parent's smooth terrain
 
 
 @dataclass(frozen=True)
@@ -145,7 +134,7 @@ def _utm_bbox() -> tuple[float, float, float, float]:
     from pyproj import Transformer
 
     to_utm = Transformer.from_crs("EPSG:4326", UTM_CRS, always_xy=True)
-    lon0, lat0, lon1, lat1 = NYC_BBOX_LONLAT
+    lon0, lat0, lon1, lat1 = NYC_BBOX
     xs, ys = to_utm.transform([lon0, lon1, lon0, lon1], [lat0, lat0, lat1, lat1])
     # The inner rectangle, so every chip lies inside the lon/lat bbox.
     return max(xs[0], xs[2]), max(ys[0], ys[1]), min(xs[1], xs[3]), min(ys[2], ys[3])
@@ -158,8 +147,8 @@ def _write_parent(out_dir: Path, parent: _Parent, config: FixtureConfig, rng: np
     size, T = config.size, config.timesteps
     grid_rows = math.ceil(parent.n_chips / parent.grid_cols)
     shape = (grid_rows * size, parent.grid_cols * size)
-    label = _blob_labels(shape, rng)
-    terrain = _smooth_field(shape, sigma=shape[0] / 3, rng=rng) * 15 + rng.uniform(5, 40)
+    label = blob_labels(shape, rng)
+    terrain = smooth_field(shape, sigma=shape[0] / 3, rng=rng) * 15 + rng.uniform(5, 40)
     rows = []
     for i in range(parent.n_chips):
         r, c = divmod(i, parent.grid_cols)
@@ -183,21 +172,6 @@ def _write_parent(out_dir: Path, parent: _Parent, config: FixtureConfig, rng: np
         row["geometry"] = box(x0, y0 - size * PIXEL_SIZE_M, x0 + size * PIXEL_SIZE_M, y0)
         rows.append(row)
     return rows
-
-
-def _smooth_field(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
-    field = gaussian_filter(rng.standard_normal(shape), sigma=sigma, mode="reflect")
-    return (field - field.mean()) / (field.std() + 1e-12)
-
-
-def _blob_labels(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Argmax of smooth random class fields: blobs tens of pixels across."""
-    prior = np.array([0.0, 0.35, 0.1, 0.0, -0.3])
-    sigma = max(3.0, min(shape) / 10)
-    fields = np.stack([_smooth_field(shape, sigma, rng) + prior[k] for k in range(NUM_CLASSES)])
-    return fields.argmax(axis=0).astype(np.uint8)
 
 
 def _punch_ignore(label: np.ndarray, rng: np.random.Generator) -> None:

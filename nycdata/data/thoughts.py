@@ -22,19 +22,17 @@ from rasterio.errors import RasterioError
 
 from nycdata.data import chips
 from nycdata.data.chips import PATCH_SIZE
-from nycdata.params import run_root
+from nycdata.runs import RunLayout
 
 THOUGHTS_KEY = "THOUGHTS"  # the batch key the cached ids travel under
-CACHE_DIR = "thought_cache"
 CACHE_DONE_FILE = "cache.json"
-GENERATED_DIR = "generated_lulc"
 GENERATED_DONE_FILE = "generation.json"
 LULC_CLASSES = 10  # ESRI / TerraMind LULC classes
 
 
 def cache_root(params: Mapping, online: str) -> Path:
     """The thought cache of the online TiM variant ``online`` (shared by its ``*_cached`` twin's seeds and folds)."""
-    return run_root(params) / CACHE_DIR / online
+    return RunLayout.of(params).thought_cache(online)
 
 
 def tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
@@ -67,7 +65,7 @@ def read_thoughts(root: Path, chip: str, transform: int, sample: int) -> torch.T
 
 
 def generated_root(params: Mapping) -> Path:
-    return run_root(params) / GENERATED_DIR
+    return RunLayout.of(params).generated_lulc
 
 
 def generated_path(root: Path, chip: str) -> Path:

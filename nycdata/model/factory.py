@@ -12,6 +12,7 @@ import contextlib
 from typing import Iterator, Sequence
 
 from nycdata.data.classes import NUM_CLASSES
+from nycdata.model.terratorch_compat import get_backbone_builder, patch_get_backbone
 
 MODEL_SIZES = ("tiny", "small", "base", "large")
 NECK_INDICES = {"tiny": [2, 5, 8, 11], "small": [2, 5, 8, 11], "base": [2, 5, 8, 11], "large": [5, 11, 17, 23]}
@@ -48,13 +49,6 @@ def model_args(model_size: str, modalities: Sequence[str], timesteps: int, pretr
     return args
 
 
-def build_model(**kwargs):
-    """Build the segmentation model; ``kwargs`` as for :func:`model_args`."""
-    from terratorch.models import EncoderDecoderFactory
-
-    return EncoderDecoderFactory().build_model(task="segmentation", **model_args(**kwargs))
-
-
 @contextlib.contextmanager
 def backbone_built_outside_global_rng() -> Iterator[None]:
     """Build models whose backbone leaves torch's global RNG as it found it, so the necks, decoder and head that
@@ -64,18 +58,15 @@ def backbone_built_outside_global_rng() -> Iterator[None]:
     without this the decoder and head of ``tim`` and ``baseline`` would start from different draws and the paired
     comparison would mix thinking with initialisation. The backbone's own random init is overwritten by the
     checkpoint when ``pretrained`` (and its draws do not matter for matching). Patches terratorch's module-level
-    ``_get_backbone`` (tested in tests/test_tim.py, so an upgrade that moves it fails loudly).
+    ``_get_backbone`` through nycdata.model.terratorch_compat (tested there, so an upgrade that moves it fails loudly).
     """
-    from unittest import mock
-
     import torch
-    from terratorch.models import encoder_decoder_factory
 
-    build_backbone = encoder_decoder_factory._get_backbone
+    build_backbone = get_backbone_builder()
 
     def build_in_forked_rng(*args, **kwargs):
         with torch.random.fork_rng(devices=[]):
             return build_backbone(*args, **kwargs)
 
-    with mock.patch.object(encoder_decoder_factory, "_get_backbone", build_in_forked_rng):
+    with patch_get_backbone(build_in_forked_rng):
         yield

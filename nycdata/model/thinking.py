@@ -36,7 +36,7 @@ from nycdata.data.chips import PATCH_SIZE
 from nycdata.data.dataset import D4_TRANSFORMS, ChipDataset, d4_transform
 from nycdata.data.thoughts import CACHE_DONE_FILE, cache_root, write_thoughts
 from nycdata.io import replace_dir_atomically, write_json
-from nycdata.model import weights
+from nycdata.model import terratorch_compat, weights
 from nycdata.model.tim import RANDOM_GENERATOR_SEED, capture_thoughts, tim_backbone
 from nycdata.model.variants import get_variant
 from nycdata.params import resolve_path
@@ -117,7 +117,7 @@ def fill_thought_cache(task, params: Mapping, variant, device: torch.device, log
 def think_chip(task, sample: dict, samples: int, thought_seed: int, precision: str = "32-true") -> np.ndarray:
     """Thought ids ``[8, samples, T, h, w]`` of one chip: its 8 D4 transforms in one batch, one generation per sample."""
     device = next(task.model.parameters()).device
-    modality = tim_backbone(task.model).tim_modalities[0]
+    modality = terratorch_compat.thought_modalities(tim_backbone(task.model))[0]
     image = {m: torch.stack([d4_transform(x, k) for k in range(D4_TRANSFORMS)]).to(device)
              for m, x in sample["image"].items()}
     timesteps = next(iter(sample["image"].values())).shape[1]

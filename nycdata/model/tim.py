@@ -23,6 +23,7 @@ from nycdata.data.chips import PATCH_SIZE
 from nycdata.data.classes import IGNORE_INDEX
 from nycdata.data.metrics import confusion_matrix, metrics_from_confusion
 from nycdata.data.thoughts import THOUGHTS_KEY
+from nycdata.model import terratorch_compat as compat
 
 # TerraMind's LULC modality follows the ESRI / Impact Observatory 10 m annual land cover. The channel order is
 # documented on the model card of ibm-esa-geospatial/TerraMind-1.0-Tokenizer-LULC ("No data, water, trees, flooded
@@ -53,9 +54,8 @@ def esri_to_class(lulc: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def tim_backbone(model: torch.nn.Module):
     """The ``TerraMindTiM`` inside a segmentation model, or None for a plain backbone."""
-    from terratorch.models.backbones.terramind.model.terramind_tim import TerraMindTiM
-
-    return next((m for m in model.modules() if isinstance(m, TerraMindTiM)), None)
+    tim_class = compat.tim_class()
+    return next((m for m in model.modules() if isinstance(m, tim_class)), None)
 
 
 @contextlib.contextmanager
@@ -67,17 +67,13 @@ def tokenizers_deferred() -> Iterator[list[dict]]:
     of CPU initialising it, every fine-tune carried it to the GPU and, pretrained, downloaded its 0.7 GB. Only
     decoding thoughts (notebook 05) needs it: :func:`thought_tokenizer` builds it then, from these arguments.
     """
-    from unittest import mock
-
-    from terratorch.models.backbones.terramind.model import terramind_tim
-
     calls: list[dict] = []
 
     def defer(**kwargs):
         calls.append(kwargs)
         return {}
 
-    with mock.patch.object(terramind_tim, "build_tokenizer", defer):
+    with compat.patch_tim_tokenizer_builder(defer):
         yield calls
 
 
@@ -91,37 +87,35 @@ def remember_tokenizer(model: torch.nn.Module, deferred: list[dict]) -> None:
 def thought_tokenizer(model: torch.nn.Module, modality: str) -> torch.nn.Module:
     """The (frozen) tokenizer of one thought modality, built on first use and kept outside the module tree, so it
     is in no parameter list, optimizer or checkpoint."""
-    from terratorch.models.backbones.terramind.model.terramind import build_tokenizer
-
     backbone = tim_backbone(model)
     args = getattr(backbone, "deferred_tokenizer_args", None)
-    if backbone is None or args is None or modality not in backbone.tim_modalities:
+    if backbone is None or args is None or modality not in compat.thought_modalities(backbone):
         raise ValueError(f"no {modality} tokenizer for this model: decoding needs a TiM model that thinks {modality}")
-    key = backbone.mod_name_mapping[modality]
+    key = compat.thought_domain(backbone, modality)
     built = backbone.__dict__.setdefault("_thought_tokenizers", {})
     if key not in built:
-        built[key] = build_tokenizer(**{**args, "input_modalities": [key]})[key].eval().requires_grad_(False)
+        built[key] = compat.build_tokenizer(**{**args, "input_modalities": [key]})[key].eval().requires_grad_(False)
     return built[key]
 
 
 def input_embeddings(model: torch.nn.Module) -> torch.nn.ModuleDict:
     """The fine-tuned TerraMind encoder's ``encoder_embeddings`` (patch and modality embeddings, thought embedding for TiM)."""
-    for name, module in model.named_modules():
-        if name.endswith("encoder_embeddings") and ".sampler." not in name and isinstance(module, torch.nn.ModuleDict):
-            return module
-    raise ValueError("no TerraMind encoder_embeddings in this model")
+    embeddings = compat.encoder_embeddings(model)
+    if embeddings is None:
+        raise ValueError("no TerraMind encoder_embeddings in this model")
+    return embeddings
 
 
 def thought_embedding_keys(model: torch.nn.Module) -> tuple[str, ...]:
     """Keys of ``encoder_embeddings`` that embed thoughts (e.g. ``tok_lulc@224``); empty for a plain backbone."""
     backbone = tim_backbone(model)
-    return () if backbone is None else tuple(backbone.mod_name_mapping[m] for m in backbone.tim_modalities)
+    return () if backbone is None else tuple(compat.thought_domain(backbone, m) for m in compat.thought_modalities(backbone))
 
 
 def embeddings_shared_with_generator(model: torch.nn.Module) -> int:
     """How many parameter tensors the fine-tuned encoder's embeddings share with TiM's generator (0: none)."""
     backbone = tim_backbone(model)
-    generator = getattr(getattr(backbone, "sampler", None), "model", None)
+    generator = None if backbone is None else compat.generator_of(backbone)
     if generator is None:
         return 0
     own = {id(p) for p in input_embeddings(model).parameters()}
@@ -145,7 +139,7 @@ def untie_generator_embeddings(model: torch.nn.Module) -> int:
         return 0
     shared = embeddings_shared_with_generator(model)
     if shared:
-        backbone.sampler.model = copy.deepcopy(backbone.sampler.model).requires_grad_(False)
+        compat.set_generator(backbone, copy.deepcopy(compat.generator_of(backbone)).requires_grad_(False))
     input_embeddings(model).requires_grad_(True)
     return shared
 
@@ -162,7 +156,7 @@ def freeze_input_embeddings(model: torch.nn.Module) -> int:
 def generator_tensor_count(model: torch.nn.Module) -> int:
     """Number of tensors of the frozen generator (``sampler.model.*``); 0 for a plain backbone."""
     backbone = tim_backbone(model)
-    return 0 if backbone is None else len(backbone.sampler.model.state_dict())
+    return 0 if backbone is None else len(compat.generator_of(backbone).state_dict())
 
 
 @dataclass
@@ -189,24 +183,17 @@ def capture_thoughts(model: torch.nn.Module) -> Iterator[ThoughtCapture]:
     backbone = tim_backbone(model)
     if backbone is None:
         raise ValueError("this model has no TiM backbone, so it has no thoughts to capture")
-    domains = {m: backbone.mod_name_mapping[m] for m in backbone.tim_modalities}
+    domains = {m: compat.thought_domain(backbone, m) for m in compat.thought_modalities(backbone)}
     capture = ThoughtCapture(domains)
-    original = backbone.sampler.generate
-    own_wrapper = "generate" in vars(backbone.sampler)  # e.g. isolate_thought_rng's, which must survive the capture
+    original = compat.sampler_generate(backbone)  # e.g. isolate_thought_rng's wrapper, which must survive the capture
 
     def generate_and_record(*args, **kwargs):
         out = original(*args, **kwargs)
-        capture.calls.append({d: out[d]["tensor"].detach().clone() for d in domains.values()})
+        capture.calls.append({d: compat.generated_tokens(out, d).detach().clone() for d in domains.values()})
         return out
 
-    backbone.sampler.generate = generate_and_record
-    try:
+    with compat.sampler_generate_replaced(backbone, generate_and_record):
         yield capture
-    finally:
-        if own_wrapper:
-            backbone.sampler.generate = original
-        else:
-            del backbone.sampler.generate  # back to the class method
 
 
 # The seed every build's random (untrained) generator is drawn with; see share_random_generator.
@@ -238,11 +225,11 @@ def share_random_generator(model: torch.nn.Module, model_args: dict, force: bool
         with torch.random.fork_rng(devices=[]), tokenizers_deferred():
             torch.manual_seed(RANDOM_GENERATOR_SEED)
             reference = EncoderDecoderFactory().build_model(task="segmentation", **model_args)
-        _random_generators[key] = tim_backbone(reference).sampler.model.state_dict()
+        _random_generators[key] = compat.generator_of(tim_backbone(reference)).state_dict()
     state = _random_generators[key]
     if force:
-        state = {k: v for k, v in state.items() if not k.startswith("encoder_embeddings.")}
-    backbone.sampler.model.load_state_dict(state, strict=not force)
+        state = {k: v for k, v in state.items() if not k.startswith(f"{compat.ENCODER_EMBEDDINGS}.")}
+    compat.generator_of(backbone).load_state_dict(state, strict=not force)
     return True
 
 
@@ -260,10 +247,10 @@ def isolate_thought_rng(model: torch.nn.Module, thought_seed: int = 0) -> bool:
     differ only in their thoughts, which stay a function of the seed (through ``random``) and ``thought_seed``.
     """
     backbone = tim_backbone(model)
-    if backbone is None or isinstance(backbone.sampler, CachedThoughts):
+    if backbone is None or isinstance(compat.sampler_of(backbone), CachedThoughts):
         return False
-    generate = backbone.sampler.generate
-    parameter = next(backbone.sampler.parameters(), None)
+    generate = compat.sampler_generate(backbone)
+    parameter = next(compat.sampler_of(backbone).parameters(), None)
 
     def generate_in_own_stream(*args, seed=None, **kwargs):
         device = parameter.device if parameter is not None else torch.device("cpu")
@@ -273,7 +260,7 @@ def isolate_thought_rng(model: torch.nn.Module, thought_seed: int = 0) -> bool:
         with torch.random.fork_rng(devices=devices):
             return generate(*args, seed=seed, **kwargs)
 
-    backbone.sampler.generate = generate_in_own_stream
+    compat.set_sampler_generate(backbone, generate_in_own_stream)
     return True
 
 
@@ -379,21 +366,20 @@ class CachedThoughts(torch.nn.Module):
         if self.tokens is None:
             raise RuntimeError(f"a cached-thought model needs image['{THOUGHTS_KEY}'] in its input")
         tokens, self.tokens = self.tokens, None
-        return {self.domain: {"tensor": tokens}}
+        return compat.generation_output(self.domain, tokens)
 
 
-def _take_thoughts(module, args, kwargs):
+def _take_thoughts(module, inputs):
     """Forward pre-hook of the TiM backbone: move the cached ids out of the input dict into the sampler."""
-    inputs = args[0] if args else kwargs.get("d")
     id_map = inputs.pop(THOUGHTS_KEY)  # (B*T, 1, H, W) after the temporal wrapper folded T into the batch
     ids = id_map[:, 0, PATCH_SIZE // 2::PATCH_SIZE, PATCH_SIZE // 2::PATCH_SIZE]  # one id per 16 x 16 patch
-    module.sampler.tokens = ids.reshape(ids.shape[0], -1).round().long()
+    compat.sampler_of(module).tokens = ids.reshape(ids.shape[0], -1).round().long()
 
 
 def use_cached_thoughts(model: torch.nn.Module) -> None:
     """Swap the TiM generator of ``model`` for :class:`CachedThoughts` (one thought modality)."""
     backbone = tim_backbone(model)
-    if backbone is None or len(backbone.tim_modalities) != 1:
+    if backbone is None or len(compat.thought_modalities(backbone)) != 1:
         raise ValueError("cached thoughts need a TiM backbone with exactly one thought modality")
-    backbone.sampler = CachedThoughts(backbone.mod_name_mapping[backbone.tim_modalities[0]])
-    backbone.register_forward_pre_hook(_take_thoughts, with_kwargs=True)
+    compat.set_sampler(backbone, CachedThoughts(compat.thought_domain(backbone, compat.thought_modalities(backbone)[0])))
+    compat.register_input_pre_hook(backbone, _take_thoughts)

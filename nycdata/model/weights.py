@@ -18,6 +18,7 @@ from typing import Mapping
 
 import torch
 
+from nycdata.model import terratorch_compat as compat
 from nycdata.model.tim import generator_tensor_count, tim_backbone
 from nycdata.model.variants import Variant
 from nycdata.params import resolve_path
@@ -31,17 +32,11 @@ class GeneratorNotLoaded(RuntimeError):
 
 def backbone_weights(model_size: str) -> tuple[str, str]:
     """(repo, file) of ``terramind_v1_<size>``: one checkpoint serves the plain and the TiM backbone."""
-    from terratorch.models.backbones.terramind.model.terramind_register import pretrained_weights
-
-    entry = pretrained_weights[f"terramind_v1_{model_size}"]
-    return entry["hf_hub_id"], entry["hf_hub_filename"]
+    return compat.backbone_weight_file(f"terramind_v1_{model_size}")
 
 
 def tokenizer_weights(modality: str) -> tuple[str, str]:
-    from terratorch.models.backbones.terramind.tokenizer.tokenizer_register import pretrained_weights
-
-    entry = pretrained_weights[f"terramind_v1_tokenizer_{modality.lower()}"]
-    return entry["hf_hub_id"], entry["hf_hub_filename"]
+    return compat.tokenizer_weight_file(f"terramind_v1_tokenizer_{modality.lower()}")
 
 
 def required_files(params: Mapping, variant: Variant) -> list[tuple[str, str]]:
@@ -51,31 +46,26 @@ def required_files(params: Mapping, variant: Variant) -> list[tuple[str, str]]:
 
 def use_cache_dir(params: Mapping) -> Path | None:
     """Point huggingface_hub's default cache at ``hf_cache_dir`` (terratorch passes no ``cache_dir``)."""
-    import huggingface_hub.constants as hf_constants
-
     if not params["hf_cache_dir"]:
         return None
     cache = resolve_path(params["hf_cache_dir"])
-    hf_constants.HF_HUB_CACHE = str(cache)
+    compat.set_hf_hub_cache(cache)
     return cache
 
 
 def missing_files(params: Mapping, variant: Variant) -> list[tuple[str, str]]:
     from huggingface_hub import try_to_load_from_cache
-    import huggingface_hub.constants as hf_constants
 
     return [(repo, name) for repo, name in required_files(params, variant)
-            if not isinstance(try_to_load_from_cache(repo, name, cache_dir=hf_constants.HF_HUB_CACHE), str)]
+            if not isinstance(try_to_load_from_cache(repo, name, cache_dir=compat.hf_hub_cache()), str)]
 
 
 def offline_error(params: Mapping, variant: Variant, cause: Exception) -> RuntimeError:
-    import huggingface_hub.constants as hf_constants
-
     missing = missing_files(params, variant) or required_files(params, variant)
     listing = ", ".join(f"{repo}/{name}" for repo, name in missing)
     return RuntimeError(
         f"TerraMind weights for variant {variant.name!r} (model_size {params['model_size']}) are not in the Hugging Face "
-        f"cache {hf_constants.HF_HUB_CACHE} and downloading is off or failed: missing {listing}. Pre-download them on a "
+        f"cache {compat.hf_hub_cache()} and downloading is off or failed: missing {listing}. Pre-download them on a "
         f"machine with internet: `{DOWNLOAD_COMMAND} -p model_size {params['model_size']} -p variant {variant.name}`, "
         f"then copy the cache here and set hf_cache_dir (or HF_HUB_CACHE). ({type(cause).__name__}: {cause})"
     )
@@ -105,11 +95,13 @@ def verify_generator(model: torch.nn.Module, weights_file: str) -> int:
     """Check every ``sampler.model.*`` tensor equals TerraMind's checkpoint; return how many were checked.
 
     The checkpoint stores the encoder-decoder without the ``sampler.model.`` prefix
-    (terratorch's ``checkpoint_filter_fn_tim`` maps it the same way).
+    (terratorch's ``checkpoint_filter_fn_tim`` maps it the same way: see ``terratorch_compat.generator_checkpoint_key``).
     """
     backbone = tim_backbone(model)
     state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    wrong = [k for k, v in backbone.sampler.model.state_dict().items() if k not in state or not torch.equal(v.cpu(), state[k])]
+    key = compat.generator_checkpoint_key
+    wrong = [k for k, v in compat.generator_of(backbone).state_dict().items()
+             if key(k) not in state or not torch.equal(v.cpu(), state[key(k)])]
     if wrong:
         raise GeneratorNotLoaded(
             f"{len(wrong)} of {generator_tensor_count(model)} TiM generator tensors (sampler.model.*) differ from "

@@ -1,8 +1,9 @@
 """Sources -> chips: put every modality on each parent's S2 10 m grid, fix the original's defects, cut, split.
 
-Reads a sources manifest (``sources.csv``, written by :mod:`nycdata.sources.fetch` or
-by hand; columns ``parent_id, modality, date, band, path, cloud_cover,
-processing_baseline, product_id``) and writes the chip format of
+Reads a sources manifest (``sources.csv``, written by a fetcher -- :mod:`nycdata.sources.stac`,
+:mod:`nycdata.sources.majortom`, :mod:`nycdata.sources.worldcover` -- or by hand; columns ``parent_id,
+modality, date, band, path, cloud_cover, processing_baseline, product_id``; read with
+:func:`nycdata.sources.manifest.manifest_frame`) and writes the chip format of
 :mod:`nycdata.data.chips`, then validates it. What it fixes, and records per chip:
 
 - T dates per parent: ``distinct`` cloud-filtered S2 dates spread over the
@@ -39,23 +40,18 @@ from nycdata.data.classes import IGNORE_INDEX, class_counts, worldcover_to_class
 from nycdata.data.validate import validate_dataset
 from nycdata.io import replace_dir_atomically
 from nycdata.params import resolve_path
-from nycdata.sources.manifest import ALL_PARENTS, MANIFEST_COLUMNS, OFFSET_BASELINE, OFFSET_DATE, SOURCE_MODALITIES
+from nycdata.sources.manifest import (ALL_PARENTS, REPROCESSED_BASELINE, S2_OFFSET, SourceError, manifest_frame,
+                                      needs_offset)
 from nycdata.sources.synthetic import SyntheticSourcesConfig, make_sources
 
-S2_OFFSET = 1000
 S2_CONVENTIONS = ("without_offset", "with_offset", "as_delivered")
 MISSING_DEM_CHOICES = ("error", "mean", "zero")
 SPLIT_METHODS = ("permutation", "original")
-REPROCESSED_BASELINE = "99.99"  # Major-TOM N9999: CloudFerro reprocessings with various Sen2Cor versions
 # Darkest valid DN (0.5th percentile, darkest of the 10/20 m bands) of a scene: water and shadow sit near 0 without the
 # offset and near 1000 with it. Between the two thresholds a scene is refused rather than guessed.
 DARK_PERCENTILE = 0.5
 DARK_WITHOUT_OFFSET_MAX, DARK_WITH_OFFSET_MIN = 500.0, 800.0
 LABEL_YEAR = 2021  # ESA WorldCover 2021 v200
-
-
-class SourceError(ValueError):
-    """A source file or manifest row cannot be used; the message names it and says what to do."""
 
 
 @dataclass(frozen=True)
@@ -66,25 +62,6 @@ class Grid:
     width: int
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"sources manifest {path} not found; write it with `python -m nycdata fetch ...`")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("parent_id", "modality", "date", "band", "path") if c not in frame.columns]
-    if missing:
-        raise SourceError(f"{path}: columns {missing} missing; expected {list(MANIFEST_COLUMNS)}")
-    for column in MANIFEST_COLUMNS:
-        if column not in frame.columns:
-            frame[column] = ""
-    bad = frame.loc[~frame["modality"].isin(SOURCE_MODALITIES)]
-    if len(bad):
-        raise SourceError(f"{path} row {bad.index[0] + 2}: modality {bad.iloc[0]['modality']!r}; expected one of {SOURCE_MODALITIES}")
-    frame["file"] = [str((path.parent / p).resolve()) for p in frame["path"]]
-    absent = [f for f in frame["file"] if not Path(f).is_file()]
-    if absent:
-        raise SourceError(f"{path}: {len(absent)} listed files do not exist, e.g. {absent[0]}")
-    return frame
 
 
 def choose_dates(s2_rows: pd.DataFrame, timesteps: int, mode: str, max_cloud: float, parent: str) -> list[str]:
@@ -103,16 +80,6 @@ def choose_dates(s2_rows: pd.DataFrame, timesteps: int, mode: str, max_cloud: fl
                           "or fetch a multi-date series with `python -m nycdata fetch stac`")
     picks = np.unique(np.round(np.linspace(0, len(dates) - 1, timesteps)).astype(int))
     return [dates[i] for i in picks]
-
-
-def needs_offset(date: str, baseline: str) -> bool:
-    """True for scenes delivered without the +1000 BOA offset: baseline < 04.00, or (baseline unknown) before 2022-01-25.
-    Baseline 99.99 cannot be judged from metadata: see :func:`offset_from_pixels`."""
-    if baseline == REPROCESSED_BASELINE:
-        raise ValueError("processing baseline 99.99 says nothing about the offset; judge it with offset_from_pixels")
-    if baseline:
-        return baseline < OFFSET_BASELINE
-    return dt.date.fromisoformat(date) < OFFSET_DATE
 
 
 def darkest_dn(stack: np.ndarray) -> float:
@@ -424,7 +391,7 @@ def build_dataset(manifest_path: Path, out_dir: Path, params: Mapping, overwrite
     """Build the chip dataset from a sources manifest into ``out_dir`` and validate it; nothing half-written remains."""
     import geopandas as gpd
 
-    manifest = read_manifest(Path(manifest_path))
+    manifest = manifest_frame(manifest_path)
     parents = sorted(p for p in set(manifest["parent_id"]) if p != ALL_PARENTS)
     size = params["chip_size"]
     with replace_dir_atomically(Path(out_dir), overwrite=overwrite) as tmp:

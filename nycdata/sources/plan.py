@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-Log = Callable[[str], None]
+from nycdata.sources.common import Log
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ on multiples of the cell size; default 1024 px = 4 x 4 chips of 256):
   ``timesteps`` equal windows and each window gives its least cloudy day whose
   scenes (``eo:cloud_cover <= max_cloud``) together cover the parent; an empty
   window takes the least cloudy day left over. Written as one stacked uint16
-  GeoTIFF of the 12 bands in :data:`S2_BANDS` order, DNs as delivered (PC keeps
+  GeoTIFF of the 12 bands in :data:`S2L2A_BANDS` order, DNs as delivered (PC keeps
   the +1000 offset of processing baseline >= 04.00; the manifest records the
   baseline and the builder harmonises);
 * for every S2 day the nearest Sentinel-1 RTC day (``sentinel-1-rtc``; VV, VH
@@ -54,15 +54,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from nycdata.sources.fetch import (MANIFEST_NAME, NYC_BBOX, S1_BANDS, S2_BANDS, Log, _check_bbox, _is_connection_error, _retry,
-                           _safe_name, _Transient, normalise_baseline, parse_processing_baseline, read_manifest,
-                           write_manifest)
+from nycdata.data.chips import NYC_BBOX, PIXEL_SIZE_M, S1RTC_BANDS, S2L2A_BANDS
+from nycdata.sources.common import Log, check_bbox, safe_name
+from nycdata.sources.http import Transient, is_connection_error, with_retries
+from nycdata.sources.manifest import (MANIFEST_FILE, baseline_has_offset, normalise_baseline, parse_processing_baseline,
+                                      read_manifest, write_manifest)
 from nycdata.sources.plan import PlannedFile, fetched_table, human_bytes, plan_table, raster_bytes
 
 PLANETARY_COMPUTER = "https://planetarycomputer.microsoft.com/api/stac/v1"
 SOURCE = "planetary-computer"
 UTM_CRS = "EPSG:32618"  # UTM 18N: the zone of New York City
-PIXEL_M = 10
 S2_COLLECTION, S1_COLLECTION = "sentinel-2-l2a", "sentinel-1-rtc"
 DEM_COLLECTION, WORLDCOVER_COLLECTION = "cop-dem-glo-30", "esa-worldcover"
 S1_ASSETS: dict[str, str] = {"VV": "vv", "VH": "vh"}  # manifest band -> PC asset key
@@ -85,19 +86,19 @@ class Parent:
     @property
     def id(self) -> str:
         # lower-left corner in whole km: unique because cells are at least 1 km apart (see parent_grid)
-        return _safe_name(f"E{self.x0 // 1000:04d}N{self.y0 // 1000:04d}", "parent id")
+        return safe_name(f"E{self.x0 // 1000:04d}N{self.y0 // 1000:04d}", "parent id")
 
     def geobox(self):
         from affine import Affine
         from odc.geo.geobox import GeoBox
 
-        top = self.y0 + self.px * PIXEL_M
-        return GeoBox((self.px, self.px), Affine(PIXEL_M, 0, self.x0, 0, -PIXEL_M, top), UTM_CRS)
+        top = self.y0 + self.px * PIXEL_SIZE_M
+        return GeoBox((self.px, self.px), Affine(PIXEL_SIZE_M, 0, self.x0, 0, -PIXEL_SIZE_M, top), UTM_CRS)
 
     @cached_property
     def footprint(self):
         """The cell in lon/lat (a shapely polygon), densified so it follows the projected edges."""
-        return self.geobox().extent.to_crs("EPSG:4326", resolution=self.px * PIXEL_M / 16).geom
+        return self.geobox().extent.to_crs("EPSG:4326", resolution=self.px * PIXEL_SIZE_M / 16).geom
 
     @property
     def centre_lon(self) -> float:
@@ -108,11 +109,11 @@ def parent_grid(bbox: Sequence[float] = NYC_BBOX, parent_px: int = 1024) -> list
     """Every parent cell that intersects lon/lat ``bbox``, sorted by id."""
     from odc.geo.geom import box
 
-    if parent_px % 16 or parent_px * PIXEL_M < 1000:
+    if parent_px % 16 or parent_px * PIXEL_SIZE_M < 1000:
         raise ValueError(f"parent_px={parent_px}: must be a multiple of 16 (GeoTIFF tiles) and at least 100 "
                          "(cells of >= 1 km keep the km-based parent ids unique)")
-    area = box(*_check_bbox(bbox), "EPSG:4326").to_crs(UTM_CRS, resolution=0.01).geom
-    size = parent_px * PIXEL_M
+    area = box(*check_bbox(bbox), "EPSG:4326").to_crs(UTM_CRS, resolution=0.01).geom
+    size = parent_px * PIXEL_SIZE_M
     x_min, y_min, x_max, y_max = area.bounds
     cells = [Parent(ix * size, iy * size, parent_px)
              for ix in range(math.floor(x_min / size), math.ceil(x_max / size))
@@ -211,7 +212,7 @@ def _s2_baseline(item) -> str:
 
 
 def _offset_kind(baseline: str) -> str:
-    return "unknown" if not baseline else "offset" if baseline >= "04.00" else "no offset"
+    return "unknown" if not baseline else "offset" if baseline_has_offset(baseline) else "no offset"
 
 
 def _resign(url: str) -> str:
@@ -282,7 +283,7 @@ def _open_client(catalog: str):
 
 
 def _api_call(fn: Callable[[], Any]) -> Any:
-    """``fn()``, with pystac-client's catch-all APIError told apart for _retry: a connection failure or an HTTP
+    """``fn()``, with pystac-client's catch-all APIError told apart for with_retries: a connection failure or an HTTP
     5xx / 429 is worth retrying, anything else (a 4xx, a bad answer) is not."""
     try:
         from pystac_client.exceptions import APIError
@@ -293,9 +294,9 @@ def _api_call(fn: Callable[[], Any]) -> Any:
     except APIError as err:
         status = getattr(err, "status_code", None)
         if status is not None and (status == 429 or status >= 500):
-            raise _Transient("server", f"HTTP {status}: {str(err)[:200]}") from err
-        if status is None and err.__context__ is not None and _is_connection_error(err.__context__):
-            raise _Transient("connection", f"{type(err.__context__).__name__}: {err.__context__}") from err
+            raise Transient("server", f"HTTP {status}: {str(err)[:200]}") from err
+        if status is None and err.__context__ is not None and is_connection_error(err.__context__):
+            raise Transient("connection", f"{type(err.__context__).__name__}: {err.__context__}") from err
         raise
 
 
@@ -303,7 +304,7 @@ def _search(client, collection: str, bbox, retry: dict, **kw) -> list:
     def run() -> list:
         return list(client.search(collections=[collection], bbox=list(bbox), limit=SEARCH_PAGE, **kw).items())
 
-    return _retry(lambda: _api_call(run), f"Planetary Computer search of {collection}", **retry)
+    return with_retries(lambda: _api_call(run), f"Planetary Computer search of {collection}", **retry)
 
 
 def _search_all(client, bbox, start: str, end: str, max_cloud: float, s1_max_days: int, retry: dict,
@@ -314,7 +315,7 @@ def _search_all(client, bbox, start: str, end: str, max_cloud: float, s1_max_day
                              query={"eo:cloud_cover": {"lte": max_cloud}}) if _cloud(i) <= max_cloud]
     # PC also holds single-polarisation (VV or VH only) and HH/HV scenes: only VV+VH ones give both bands
     s1 = [i for i in _search(client, S1_COLLECTION, bbox, retry, datetime=f"{s1_start}/{s1_end}")
-          if set(S1_BANDS) <= set(i.properties.get("sar:polarizations") or ())]
+          if set(S1RTC_BANDS) <= set(i.properties.get("sar:polarizations") or ())]
     dem = _search(client, DEM_COLLECTION, bbox, retry)
     worldcover = [i for i in _search(client, WORLDCOVER_COLLECTION, bbox, retry,
                                      datetime=f"{WORLDCOVER_YEAR}-01-01/{WORLDCOVER_YEAR}-12-31")
@@ -328,7 +329,7 @@ def _search_all(client, bbox, start: str, end: str, max_cloud: float, s1_max_day
 
 def _check_all_assets(found: _Search) -> None:
     """Fail before any pixel is read if PC renamed an asset the fetch loads."""
-    for items, keys in ((found.s2, S2_BANDS), (found.s1, S1_ASSETS.values()), (found.dem, [DEM_ASSET]),
+    for items, keys in ((found.s2, S2L2A_BANDS), (found.s1, S1_ASSETS.values()), (found.dem, [DEM_ASSET]),
                         (found.worldcover, [WORLDCOVER_ASSET])):
         for item in items:
             _check_assets(item, keys)
@@ -400,7 +401,7 @@ def _plan(client, bbox, start, end, timesteps, max_cloud, parent_px, s1_max_days
           ) -> tuple[list[Scene], list[str]]:
     if timesteps < 1:
         raise ValueError(f"timesteps={timesteps}: need at least 1")
-    bbox = _check_bbox(bbox)
+    bbox = check_bbox(bbox)
     found = _search_all(client, bbox, start, end, max_cloud, s1_max_days, retry, log)
     scenes, dropped, kept = [], [], 0
     parents = parent_grid(bbox, parent_px)
@@ -414,7 +415,7 @@ def _plan(client, bbox, start, end, timesteps, max_cloud, parent_px, s1_max_days
             continue
         scenes += planned
         kept += 1
-    log(f"{kept} of {len(parents)} parent cells ({parent_px} px = {parent_px * PIXEL_M / 1000:g} km) kept"
+    log(f"{kept} of {len(parents)} parent cells ({parent_px} px = {parent_px * PIXEL_SIZE_M / 1000:g} km) kept"
         + (f" (max_parents={max_parents})" if max_parents is not None else "") + f", {len(dropped)} dropped")
     return scenes, dropped
 
@@ -423,8 +424,8 @@ def _plan(client, bbox, start, end, timesteps, max_cloud, parent_px, s1_max_days
 
 # modality -> (bands, bytes per value, dtype, nodata written, odc.stac.load keywords)
 FORMATS: dict[str, tuple] = {
-    "S2L2A": (S2_BANDS, 2, "uint16", 0, dict(bands=list(S2_BANDS), dtype="uint16", nodata=0, resampling="bilinear")),
-    "S1RTC": (S1_BANDS, 4, "float32", float("nan"),
+    "S2L2A": (S2L2A_BANDS, 2, "uint16", 0, dict(bands=list(S2L2A_BANDS), dtype="uint16", nodata=0, resampling="bilinear")),
+    "S1RTC": (S1RTC_BANDS, 4, "float32", float("nan"),
               dict(bands=list(S1_ASSETS.values()), dtype="float32", resampling="bilinear")),
     "DEM": (("DEM",), 4, "float32", None, dict(bands=[DEM_ASSET], dtype="float32", nodata=float("nan"),
                                                 resampling="bilinear")),
@@ -449,7 +450,7 @@ def _load(scene: Scene, retry: dict) -> np.ndarray:
             return odc.stac.load(scene.items, geobox=scene.parent.geobox(), groupby="solar_day", patch_url=_resign,
                                  pool=LOAD_THREADS, **keywords)
 
-    data = _retry(load, f"{scene.parent.id} {scene.modality} {scene.date} ({scene.product_id})", **retry)
+    data = with_retries(load, f"{scene.parent.id} {scene.modality} {scene.date} ({scene.product_id})", **retry)
     if data.sizes.get("time", 1) != 1:
         raise RuntimeError(f"{scene.parent.id} {scene.modality} {scene.date}: odc.stac grouped the items into "
                            f"{data.sizes['time']} solar days, expected 1")
@@ -507,7 +508,7 @@ def plan_stac(bbox: Sequence[float] = NYC_BBOX, start: str = "2021-04-01", end: 
               ) -> tuple[list[PlannedFile], list[str]]:
     """The files :func:`fetch_stac` would write and the parents it would drop (with why); searches only."""
     retry = dict(retries=retries, backoff=backoff, sleep=sleep, log=log)
-    client = _retry(lambda: _api_call(lambda: _open_client(catalog)), f"STAC API {catalog}", **retry)
+    client = with_retries(lambda: _api_call(lambda: _open_client(catalog)), f"STAC API {catalog}", **retry)
     scenes, dropped = _plan(client, bbox, start, end, timesteps, max_cloud, parent_px, s1_max_days, max_parents,
                             retry, log)
     return [s.planned() for s in scenes], dropped
@@ -524,7 +525,7 @@ def fetch_stac(out_dir: str | Path, bbox: Sequence[float] = NYC_BBOX, start: str
     :class:`PlannedFile` rows; nothing is written, not even ``out_dir``. See the module docstring.
     """
     retry = dict(retries=retries, backoff=backoff, sleep=sleep, log=log)
-    client = _retry(lambda: _api_call(lambda: _open_client(catalog)), f"STAC API {catalog}", **retry)
+    client = with_retries(lambda: _api_call(lambda: _open_client(catalog)), f"STAC API {catalog}", **retry)
     scenes, dropped = _plan(client, bbox, start, end, timesteps, max_cloud, parent_px, s1_max_days, max_parents,
                             retry, log)
     if dry_run:
@@ -538,7 +539,7 @@ def fetch_stac(out_dir: str | Path, bbox: Sequence[float] = NYC_BBOX, start: str
     for why in dropped:
         log(f"dropped {why}")
     log(fetched_table(read_manifest(out_dir), out_dir))
-    return out_dir / MANIFEST_NAME
+    return out_dir / MANIFEST_FILE
 
 
 def _fetch_all(scenes: Sequence[Scene], out_dir: Path, retry: dict, log: Log) -> None:

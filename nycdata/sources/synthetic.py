@@ -20,7 +20,10 @@ mess real downloads have, so the whole chain can be tested without network:
 - parents may sit in different UTM zones (``zone_override``).
 
 Class signatures (S2 reflectance, S1 dB, DEM offsets) and the blob label maps
-come from :mod:`nycdata.data.fixture`, so the data are learnable the same way.
+come from :mod:`nycdata.data.synthetic_scene`, shared with the chip fixture of
+:mod:`nycdata.data.fixture`, so the data are learnable the same way.
+Which baselines carry the +1000 offset, and from when, is the rule of
+:mod:`nycdata.sources.manifest` (:func:`~nycdata.sources.manifest.needs_offset`).
 
 Layout of ``out_dir``::
 
@@ -44,8 +47,10 @@ S1RTC, DEM or WORLDCOVER; ``date`` is ISO for S2L2A/S1RTC, empty otherwise;
 of its modality in canonical order; ``path`` is relative to the manifest's
 folder; ``cloud_cover`` (0..40, metadata only: no clouds are painted) and
 ``processing_baseline`` ("03.00"/"04.00") are set on S2 rows only; the
-WORLDCOVER row has ``parent_id`` "*" (all parents). Read it with
-``pd.read_csv(path, dtype=str, keep_default_na=False)``, or "03.00" becomes 3.0.
+WORLDCOVER row has ``parent_id`` "*" (all parents). It is written by
+:func:`nycdata.sources.manifest.write_manifest` (rows in canonical order, so the
+"*" row comes first). Read it with :func:`nycdata.sources.manifest.manifest_frame`
+or ``pd.read_csv(path, dtype=str, keep_default_na=False)``, or "03.00" becomes 3.0.
 
 ``truth/<parent>.npz`` (``np.load``, no pickle) holds, on the parent's 10 m
 grid (the grid of its B02 / stacked S2 file):
@@ -74,21 +79,19 @@ from pathlib import Path
 
 import numpy as np
 
-from nycdata.data.chips import S1RTC_BANDS, S2L2A_BANDS
+from nycdata.data.chips import NYC_BBOX, PIXEL_SIZE_M, S1RTC_BANDS, S2L2A_BANDS
 from nycdata.data.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
-from nycdata.data.fixture import (
-    DEM_OFFSET_M, NYC_BBOX_LONLAT, S1_SIGNATURES_DB, S2_RED_EDGE_TO_NIR, S2_SIGNATURES, _blob_labels, _smooth_field,
-)
+from nycdata.data.synthetic_scene import (DEM_OFFSET_M, S1_SIGNATURES_DB, S2_RED_EDGE_TO_NIR, S2_SIGNATURES,
+                                          blob_labels, smooth_field)
 from nycdata.io import replace_dir_atomically
+from nycdata.sources.manifest import (ALL_PARENTS, MANIFEST_FILE, OFFSET_BASELINE, OFFSET_DATE, S2_OFFSET,
+                                      baseline_has_offset, write_manifest)
 
-from nycdata.sources.manifest import ALL_PARENTS, MANIFEST_COLUMNS, MANIFEST_FILE, OFFSET_DATE  # noqa: E402  (re-exported)
 WORLDCOVER_PATH = "worldcover/worldcover.tif"
 
-PIXEL_SIZE_M = 10.0
 S2_BAND_RESOLUTION_M = {"B01": 60, "B02": 10, "B03": 10, "B04": 10, "B05": 20, "B06": 20, "B07": 20, "B08": 10,
                         "B8A": 20, "B09": 60, "B11": 20, "B12": 20}
-BASELINE_04_START = OFFSET_DATE
-BOA_ADD_OFFSET = 1000
+OLD_BASELINE = "03.00"  # the baseline of the scenes dated before OFFSET_DATE: no +1000 offset
 S2_NODATA = 0
 S1_NODATA = 0.0
 DEM_NODATA = -32767.0
@@ -215,7 +218,7 @@ def _place_parents(config: SyntheticSourcesConfig) -> list[tuple[str, float, flo
     n, extent = config.parents, config.parent_size_px * PIXEL_SIZE_M
     ncols = math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
-    lon0, lat0, lon1, lat1 = NYC_BBOX_LONLAT
+    lon0, lat0, lon1, lat1 = NYC_BBOX
     m_per_deg_lat = 111_320.0
     m_per_deg_lon = 111_320.0 * math.cos(math.radians((lat0 + lat1) / 2))
     margin = 0.01
@@ -225,7 +228,7 @@ def _place_parents(config: SyntheticSourcesConfig) -> list[tuple[str, float, flo
         step = extent + gap
         width_deg, height_deg = ncols * step / m_per_deg_lon, nrows * step / m_per_deg_lat
         if width_deg > lon1 - lon0 - 2 * margin or height_deg > lat1 - lat0 - 2 * margin:
-            raise ValueError(f"{n} parents of {config.parent_size_px} px do not fit into the NYC bbox {NYC_BBOX_LONLAT}")
+            raise ValueError(f"{n} parents of {config.parent_size_px} px do not fit into the NYC bbox {NYC_BBOX}")
         west = rng.uniform(lon0 + margin, lon1 - margin - width_deg)
         north = rng.uniform(lat0 + margin + height_deg, lat1 - margin)
         jitter = rng.uniform(-gap / 5, gap / 5, size=(n, 2))
@@ -273,19 +276,17 @@ def _dates(config: SyntheticSourcesConfig, rng: np.random.Generator) -> tuple[li
         raise ValueError(f"dates_per_parent {config.dates_per_parent}: too many dates for the simulated seasons")
     old = sorted(old_pool[i] for i in rng.choice(len(old_pool), n_old, replace=False))
     new = sorted(new_pool[i] for i in rng.choice(len(new_pool), n_new, replace=False))
-    assert all(d < BASELINE_04_START for d in old) and all(d >= BASELINE_04_START for d in new)
+    assert all(d < OFFSET_DATE for d in old) and all(d >= OFFSET_DATE for d in new)
     s2 = old + new
     shifts = rng.integers(1, 4, size=len(s2)) * rng.choice([-1, 1], size=len(s2))
     s1 = [d + dt.timedelta(days=int(s)) for d, s in zip(s2, shifts)]
-    return [d.isoformat() for d in s2], ["03.00"] * n_old + ["04.00"] * n_new, [d.isoformat() for d in s1]
+    return [d.isoformat() for d in s2], [OLD_BASELINE] * n_old + [OFFSET_BASELINE] * n_new, [d.isoformat() for d in s1]
 
 
 # ------------------------------------------------------------------ writing
 
 
 def _write_sources(out_dir: Path, config: SyntheticSourcesConfig) -> None:
-    import pandas as pd
-
     rows: list[dict] = []
     codes_per_parent = []
     parents = []
@@ -312,8 +313,7 @@ def _write_sources(out_dir: Path, config: SyntheticSourcesConfig) -> None:
     _write_worldcover(out_dir, parents, codes_per_parent, config)
     rows.append(_row(ALL_PARENTS, "WORLDCOVER", "", "", WORLDCOVER_PATH,
                      product_id=f"ESA_WorldCover_10m_2021_v200_{_worldcover_tile(parents)}_Map"))
-    manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
-    manifest.to_csv(out_dir / MANIFEST_FILE, index=False, lineterminator="\n")
+    write_manifest(rows, out_dir)
 
 
 def _row(parent_id, modality, date, band, path, cloud_cover=None, processing_baseline="", product_id="") -> dict:
@@ -325,9 +325,9 @@ def _scene(parent: _Parent, config: SyntheticSourcesConfig) -> tuple[np.ndarray,
     """Class map and terrain (metres) on the parent's 10 m grid extended by SCENE_MARGIN_PX on every side."""
     rng = _rng(config, purpose=2, parent=parent.index)
     n = parent.size + 2 * SCENE_MARGIN_PX
-    scene = _blob_labels((n, n), rng)
+    scene = blob_labels((n, n), rng)
     _ensure_every_class(scene, parent, rng)
-    terrain = _smooth_field((n, n), sigma=n / 3, rng=rng) * 15 + rng.uniform(5, 40)
+    terrain = smooth_field((n, n), sigma=n / 3, rng=rng) * 15 + rng.uniform(5, 40)
     terrain = terrain + DEM_OFFSET_M[scene] + 0.5 * rng.standard_normal((n, n))
     return scene, terrain.astype(np.float32)
 
@@ -357,10 +357,10 @@ def _write_s2(out_dir: Path, parent: _Parent, scene: np.ndarray, config: Synthet
     rows = []
     for date, baseline in zip(parent.s2_dates, parent.baselines):
         reflectance = _s2_reflectance(labels, dt.date.fromisoformat(date), rng)
-        offset = BOA_ADD_OFFSET if baseline == "04.00" else 0
+        offset = S2_OFFSET if baseline_has_offset(baseline) else 0
         per_band = {}
         for b, band in enumerate(S2L2A_BANDS):
-            factor = S2_BAND_RESOLUTION_M[band] // 10
+            factor = S2_BAND_RESOLUTION_M[band] // PIXEL_SIZE_M
             coarse = reflectance[b].reshape(padded // factor, factor, padded // factor, factor).mean(axis=(1, 3))
             keep = math.ceil(size / factor)
             per_band[band] = np.clip(np.rint(coarse[:keep, :keep]) + offset, 1, 65535).astype(np.uint16)
@@ -375,7 +375,7 @@ def _write_s2(out_dir: Path, parent: _Parent, scene: np.ndarray, config: Synthet
                 _write_tif(out_dir / rel, per_band[band][None], parent.crs, parent.transform(resolution), S2_NODATA, [band])
                 rows.append(_row(parent.parent_id, "S2L2A", date, band, rel, cloud, baseline, product))
         else:
-            stack = np.stack([_upsample(per_band[band], S2_BAND_RESOLUTION_M[band] // 10)[:size, :size]
+            stack = np.stack([_upsample(per_band[band], S2_BAND_RESOLUTION_M[band] // PIXEL_SIZE_M)[:size, :size]
                               for band in S2L2A_BANDS])
             rel = f"{parent.parent_id}/S2L2A/{date}.tif"
             _write_tif(out_dir / rel, stack, parent.crs, parent.transform(), S2_NODATA, list(S2L2A_BANDS))
@@ -441,7 +441,7 @@ def _write_dem(out_dir: Path, parent: _Parent, terrain: np.ndarray, config: Synt
 def _worldcover_codes(parent: _Parent, classes: np.ndarray, config: SyntheticSourcesConfig) -> np.ndarray:
     """WorldCover code per pixel: each class split among its codes by rank of a smooth random field."""
     rng = _rng(config, purpose=6, parent=parent.index)
-    field_ = _smooth_field(classes.shape, sigma=4.0, rng=rng)
+    field_ = smooth_field(classes.shape, sigma=4.0, rng=rng)
     codes = np.zeros(classes.shape, dtype=np.uint8)
     for cls in CLASSES:
         mask = classes == cls.index

@@ -24,7 +24,9 @@ from nycdata.data.thoughts import THOUGHTS_KEY, tokens_to_map
 from nycdata.io import write_json
 from nycdata.model.thinking import cached_samples, think_chip
 from nycdata.model.variants import cached_twin, get_variant
-from nycdata.params import resolve_path, run_root
+from nycdata.params import resolve_path
+from nycdata.runs import RunLayout
+from nycdata.study.summaries import time_train_step
 from nycdata.study.train import build_task
 
 VARIANTS = ("baseline", "tim", "tim_cached")
@@ -72,19 +74,11 @@ def bench_variant(params: Mapping, name: str, batch: dict, device: str, warmup: 
     x, y = _inputs(batch, variant, device), batch["mask"].to(device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=str(params["precision"]).startswith("bf16"))
 
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = torch.nn.functional.cross_entropy(task.model(dict(x)).output, y, ignore_index=255)
-        loss.backward()
-        optimizer.step()
-
     def infer():
         with torch.no_grad(), autocast:
             task.model(dict(x))
 
-    task.train()
-    train_s = _median_seconds(train_step, device, warmup, repeats)
+    train_s = time_train_step(task, {"image": x, "mask": y}, repeats, warmup, optimizer, params["precision"])["step_s"]
     task.eval()
     infer_s = _median_seconds(infer, device, warmup, repeats)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_mb() - rss_before
@@ -198,8 +192,8 @@ def markdown(result: dict) -> str:
 
 
 def write_bench(params: Mapping, result: dict) -> tuple:
-    root = run_root(params)
-    path = write_json(root / "bench.json", result)
-    table = root / "bench.md"
+    layout = RunLayout.of(params)
+    path = write_json(layout.bench_json, result)
+    table = layout.bench_md
     table.write_text(markdown(result) + "\n")
     return path, table

@@ -35,17 +35,16 @@ import numpy as np
 from nycdata.data.dataset import prepare_dataset
 from nycdata.io import write_json
 from nycdata.model.variants import VARIANTS, Variant, cached_twin, get_variant
-from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir, run_root
-from nycdata.study.evaluate import FinishedRun, TEST_METRICS_FILE, test_run
+from nycdata.runs import CellLayout, RunLayout, cell_dir
+from nycdata.study.evaluate import FinishedRun, test_run
 from nycdata.study.train import fine_tune, variant_datamodule
 
-AGREEMENT_DIR = "cache_agreement"
 
 
 def result_path(params: Mapping, cached: Variant) -> Path:
     """``<run>/cache_agreement/<cached variant>[_fold<f>]_seed<k>.json``: one verdict per pair, fold and training seed."""
     fold = f"_fold{params['fold']}" if params["cv_folds"] else ""
-    return run_root(params) / AGREEMENT_DIR / f"{cached.name}{fold}_seed{params['seed']}.json"
+    return RunLayout.of(params).cache_agreement / f"{cached.name}{fold}_seed{params['seed']}.json"
 
 
 def cached_pair(variant_name: str) -> tuple[Variant, Variant]:
@@ -100,9 +99,9 @@ def agreement_line(result: Mapping) -> str:
 def _cell_params(params: Mapping, variant: Variant, thought_seed: int) -> dict:
     """Params of one training: the study's finished cell when it is this one, else a side run that stays out of the study."""
     cell = {**params, "variant": variant.name, "thought_seed": thought_seed}
-    if thought_seed == params["thought_seed"] and (cell_dir(cell) / TRAIN_SUMMARY_FILE).is_file():
+    if thought_seed == params["thought_seed"] and CellLayout(cell_dir(cell)).train_summary.is_file():
         return cell
-    return {**cell, "output_root": str(run_root(params) / AGREEMENT_DIR), "run_name": f"thought_seed{thought_seed}"}
+    return {**cell, "output_root": str(RunLayout.of(params).cache_agreement), "run_name": f"thought_seed{thought_seed}"}
 
 
 def _fine_tune_and_test(params: Mapping, log: Callable[[str], None]) -> float:
@@ -110,6 +109,6 @@ def _fine_tune_and_test(params: Mapping, log: Callable[[str], None]) -> float:
     run = FinishedRun(params["variant"], params["seed"], cell_dir(params), params["fold"] if params["cv_folds"] else None)
     log(f"cache check: {run.variant} with thought_seed {params['thought_seed']} in {run.path}")
     fine_tune(params, resume=True, log=log)
-    if not (run.path / TEST_METRICS_FILE).is_file():  # written last, once per finished training
+    if not CellLayout(run.path).test_metrics.is_file():  # written last, once per finished training
         test_run(run, params, variant_datamodule(params, get_variant(run.variant), log))
-    return float(json.loads((run.path / TEST_METRICS_FILE).read_text())["miou"])
+    return float(json.loads(CellLayout(run.path).test_metrics.read_text())["miou"])

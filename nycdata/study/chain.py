@@ -18,7 +18,8 @@ import yaml
 
 from nycdata.data.dataset import prepare_dataset
 from nycdata.model.variants import get_variant
-from nycdata.params import REPO_ROOT, TRAIN_SUMMARY_FILE, cell_dir, run_root
+from nycdata.params import REPO_ROOT
+from nycdata.runs import RunLayout
 from nycdata.study.report import write_summary
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -43,16 +44,18 @@ def notebook_steps(params: Mapping) -> list[Step]:
     seeds = list(params["seeds"])
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds {seeds}: need at least one seed and no repeats")
-    steps = [Step("01_load_data", {}, "data_summary.json"), Step("02_smoke", {}, "smoke.json")]
+    layout = RunLayout.of(params)
+    output = lambda path: path.relative_to(layout.root).as_posix()  # noqa: E731 - a step's output, run-relative
+    steps = [Step("01_load_data", {}, output(layout.data_summary)), Step("02_smoke", {}, output(layout.smoke))]
     for fold in range(params["cv_folds"]) if params["cv_folds"] else [None]:
         for seed in seeds:
             for variant in variants:
                 cell = {"variant": variant, "seed": seed, **({"fold": fold} if fold is not None else {})}
-                summary = cell_dir({**params, **cell}).relative_to(run_root(params)) / TRAIN_SUMMARY_FILE
-                steps.append(Step("03_finetune", cell, summary.as_posix()))
-    steps.append(Step("04_evaluate", {}, "comparison.json"))
+                summary = layout.cell(variant, seed, fold).train_summary
+                steps.append(Step("03_finetune", cell, output(summary)))
+    steps.append(Step("04_evaluate", {}, output(layout.comparison)))
     if "tim" in variants:
-        steps.append(Step("05_visualise_tim", {"seed": seeds[0]}, "thoughts.json"))
+        steps.append(Step("05_visualise_tim", {"seed": seeds[0]}, output(layout.thoughts)))
     return steps
 
 
@@ -92,7 +95,8 @@ def run_pipeline(params: Mapping, overwrite: bool = False, resume: bool = False,
     study) an existing folder is continued: finished steps are skipped, an interrupted fine-tune resumes from
     its ``last.ckpt``, and 04/05 run again only when a fine-tune ran.
     """
-    root = run_root(params)
+    layout = RunLayout.of(params)
+    root = layout.root
     steps = notebook_steps(params)  # unknown variants or bad seeds fail before anything runs
     if root.exists() and any(root.iterdir()) and not resume:
         if not overwrite:
@@ -107,11 +111,11 @@ def run_pipeline(params: Mapping, overwrite: bool = False, resume: bool = False,
             continue
         progress.start(step.label)
         extra = {**step.parameters, "resume": resume} if step.notebook == "03_finetune" else step.parameters
-        execute_notebook(step.notebook, root / "notebooks", {**params, **extra}, step.label[len(step.notebook):])
+        execute_notebook(step.notebook, layout.notebooks, {**params, **extra}, step.label[len(step.notebook):])
         trained |= step.notebook == "03_finetune"
         progress.done()
-    html = [render_html(nb, root / "html") for nb in sorted((root / "notebooks").glob("*.ipynb"))]
-    (root / "params.yaml").write_text(yaml.safe_dump(dict(params), sort_keys=True))
+    html = [render_html(nb, layout.html) for nb in sorted(layout.notebooks.glob("*.ipynb"))]
+    layout.params_file.write_text(yaml.safe_dump(dict(params), sort_keys=True))
     summary = write_summary(root, dict(params), html)
     log(f"wrote {summary}")
     return root

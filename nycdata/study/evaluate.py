@@ -21,13 +21,11 @@ from nycdata.data.classes import CLASS_NAMES, NUM_CLASSES
 from nycdata.data.metrics import CM_COLUMNS, metrics_from_confusion, per_chip_confusion
 from nycdata.io import write_json
 from nycdata.model.variants import COMPARISONS, CONTROLS, get_variant
-from nycdata.params import resolve_path, run_root
+from nycdata.params import resolve_path
+from nycdata.runs import CellLayout, RunLayout
 from nycdata.study.stats import paired_bootstrap, with_gate
-from nycdata.study.train import SUMMARY_FILE, NYCSegmentationTask, seed_everything, training_device, variant_datamodule
+from nycdata.study.train import NYCSegmentationTask, seed_everything, training_device, variant_datamodule
 
-TEST_METRICS_FILE = "test_metrics.json"
-PER_CHIP_FILE = "per_chip.csv"
-COMPARISON_FILE = "comparison.json"
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,8 @@ def finished_runs(root: Path) -> list[FinishedRun]:
     """Every study cell under ``root`` whose training finished (has ``train_summary.json``):
     ``<variant>/seed<k>`` (fixed split) and ``<variant>/fold<f>/seed<k>`` (cross-validation)."""
     runs = []
-    for pattern in (f"*/seed*/{SUMMARY_FILE}", f"*/fold*/seed*/{SUMMARY_FILE}"):
+    name = CellLayout(Path()).train_summary.name
+    for pattern in (f"*/seed*/{name}", f"*/fold*/seed*/{name}"):
         for summary in sorted(Path(root).glob(pattern)):
             info = json.loads(summary.read_text())
             fold = info.get("fold")
@@ -70,7 +69,7 @@ def run_params(params: Mapping, run: FinishedRun) -> dict:
 
 
 def load_task(run: FinishedRun, device: str = "cpu") -> NYCSegmentationTask:
-    checkpoint = run.path / "checkpoints" / "best.ckpt"
+    checkpoint = CellLayout(run.path).best_checkpoint
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint} missing: the run {run.variant}/seed{run.seed} has no best checkpoint")
     return NYCSegmentationTask.load_from_checkpoint(checkpoint, map_location=device).eval().to(device)
@@ -113,7 +112,7 @@ def test_run(run: FinishedRun, params: Mapping, datamodule, device: str | None =
         per_sample.append(matrices)
     matrices = np.sum(per_sample, axis=0)
     sample_miou = [metrics_from_confusion(m.sum(0))["miou"] for m in per_sample]
-    write_json(run.path / TEST_METRICS_FILE, {
+    write_json(CellLayout(run.path).test_metrics, {
         "variant": run.variant, "seed": run.seed, "fold": run.fold, "n_test_chips": len(names),
         **metrics_from_confusion(matrices.sum(0)), "confusion": matrices.sum(0).tolist(), "thought_samples": samples,
         "miou_per_thought_sample": sample_miou,
@@ -129,10 +128,10 @@ def test_run(run: FinishedRun, params: Mapping, datamodule, device: str | None =
 def test_all(params: Mapping, log: Callable[[str], None] = print, device: str | None = None) -> pd.DataFrame:
     """Test every finished run of ``params``' run folder on its own test chips (its fold's, under cross-validation);
     write ``per_chip.csv`` (every fold pooled: each test parent once per variant and seed); return it."""
-    root = run_root(params)
-    runs = finished_runs(root)
+    layout = RunLayout.of(params)
+    runs = finished_runs(layout.root)
     if not runs:
-        raise FileNotFoundError(f"no finished fine-tune under {root}: run 03_finetune first")
+        raise FileNotFoundError(f"no finished fine-tune under {layout.root}: run 03_finetune first")
     index = chips.read_index(resolve_path(params["data_root"]))[["chip_id", "parent_id"]]
     frames = []
     for run in runs:
@@ -141,7 +140,7 @@ def test_all(params: Mapping, log: Callable[[str], None] = print, device: str | 
         log(f"tested {run.variant}/" + (f"fold{run.fold}/" if run.fold is not None else "") + f"seed{run.seed}")
     per_chip = pd.concat(frames).merge(index, on="chip_id", how="left")
     per_chip = per_chip[["chip_id", "parent_id", "fold", "variant", "seed", *CM_COLUMNS]]
-    per_chip.to_csv(root / PER_CHIP_FILE, index=False)
+    per_chip.to_csv(layout.per_chip, index=False)
     return per_chip
 
 
@@ -149,7 +148,7 @@ def arm_parameters(root: Path) -> dict[str, dict]:
     """Per variant, its trainable/frozen parameter groups (from a ``train_summary.json`` of the run folder)."""
     groups = {}
     for run in finished_runs(root):
-        summary = json.loads((run.path / SUMMARY_FILE).read_text())
+        summary = json.loads(CellLayout(run.path).train_summary.read_text())
         if "parameters" in summary:
             groups.setdefault(run.variant, summary["parameters"])
     return groups

@@ -8,12 +8,11 @@ from pathlib import Path
 import pandas as pd
 
 from nycdata.data.classes import CLASS_NAMES
+from nycdata.runs import RunLayout
 from nycdata.study import plots
-from nycdata.study.evaluate import COMPARISON_FILE, PER_CHIP_FILE, per_chip_gain, variant_metrics
+from nycdata.study.evaluate import per_chip_gain, variant_metrics
 from nycdata.study.stats import FEW_PARENTS, PUBLISH_RULES, check_publish_rule, interval_text
 
-SUMMARY_FILE = "summary.md"
-RESULTS_FILE = "results.csv"
 
 
 def results_table(per_chip: pd.DataFrame) -> pd.DataFrame:
@@ -106,10 +105,10 @@ def write_figures(root: Path, per_chip: pd.DataFrame, comparison: dict) -> list[
     """Forest plot, per-class deltas and (when 05 ran) per-chip TiM gain against thought agreement."""
     import matplotlib.pyplot as plt
 
-    figures = root / "figures"
+    figures = RunLayout(Path(root)).figures
     figures.mkdir(exist_ok=True)
     made = {"forest.png": plots.forest(comparison), "per_class_delta.png": plots.per_class_delta(comparison)}
-    agreement_file = root / "thoughts_per_chip.csv"
+    agreement_file = RunLayout(Path(root)).thoughts_per_chip
     if agreement_file.is_file() and "tim_vs_baseline" in comparison:
         points = per_chip_gain(per_chip, "tim", "baseline").merge(pd.read_csv(agreement_file), on="chip_id")
         made["gain_vs_thought_agreement.png"] = plots.gain_vs_agreement(points)
@@ -121,9 +120,9 @@ def write_figures(root: Path, per_chip: pd.DataFrame, comparison: dict) -> list[
 
 def write_summary(root: Path, params: dict, html_files: list[Path]) -> Path:
     """Write ``summary.md`` of the run at ``root`` from its ``per_chip.csv`` and ``comparison.json``."""
-    root = Path(root)
-    per_chip = pd.read_csv(root / PER_CHIP_FILE)
-    comparison = json.loads((root / COMPARISON_FILE).read_text())
+    root, layout = Path(root), RunLayout(Path(root))
+    per_chip = pd.read_csv(layout.per_chip)
+    comparison = json.loads(layout.comparison.read_text())
     parts = [f"# Run `{params['run_name']}`", "",
              f"Model `terramind_v1_{params['model_size']}`, pretrained={params['pretrained']}, data `{params['data_root']}`, "
              f"{params['max_epochs']} epochs at most.", ""]
@@ -133,7 +132,7 @@ def write_summary(root: Path, params: dict, html_files: list[Path]) -> Path:
         parts += ["**TiM thought with a random generator on purpose (`tim_random_generator`, the original experiment's "
                   "defect): its thoughts were noise. See the README's table of the original's defects.**", ""]
     results = results_table(per_chip)
-    results.to_csv(root / RESULTS_FILE, index=False)
+    results.to_csv(layout.results, index=False)
     figures = write_figures(root, per_chip, comparison) if comparison else []
     parts += ["## Test metrics (mean ± std over seeds)", "", markdown_results(results), "",
               "## TiM vs baseline (gate: strong > +2 pp, acceptable 0..+2 pp, negative < 0; publish if >= +1 pp)", "",
@@ -151,6 +150,6 @@ def write_summary(root: Path, params: dict, html_files: list[Path]) -> Path:
     parts += ["Δ mIoU (pp) per cross-validation fold, on each fold's own test parents:", "", per_fold, ""] if per_fold else []
     parts += [*[f"![{f.stem}]({f.relative_to(root).as_posix()})" for f in figures], "", "## Notebooks", ""]
     parts += [f"- [{f.stem}]({f.relative_to(root).as_posix()})" for f in html_files]
-    path = root / SUMMARY_FILE
+    path = layout.summary
     path.write_text("\n".join(parts) + "\n")
     return path

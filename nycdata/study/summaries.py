@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Mapping
@@ -13,7 +14,8 @@ import torch
 
 from nycdata.data import chips
 from nycdata.data.chips import TERRAMIND_V1_STATS
-from nycdata.data.classes import CLASS_NAMES
+from nycdata.data.classes import CLASS_NAMES, IGNORE_INDEX
+from nycdata.model.terratorch_compat import ENCODER_EMBEDDINGS, SAMPLER
 from nycdata.model.tim import thought_embedding_keys
 from nycdata.sources.manifest import OFFSET_DATE
 
@@ -72,7 +74,7 @@ def parameter_groups(model: torch.nn.Module) -> pd.DataFrame:
     (zeros for a plain backbone), so tables of different variants line up.
     """
     thought_keys = thought_embedding_keys(model)
-    generator = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if ".sampler." in n}
+    generator = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if f".{SAMPLER}." in n}
     table = pd.DataFrame(0, index=list(PARAMETER_GROUPS), columns=["trainable", "frozen", "shared_with_generator"])
     for name, param in model.named_parameters():  # shared tensors once, under their first (the encoder's) name
         group = _group_of(name, thought_keys)
@@ -90,32 +92,46 @@ def groups_side_by_side(models: dict[str, torch.nn.Module]) -> pd.DataFrame:
 
 
 def _group_of(name: str, thought_keys: tuple[str, ...]) -> str:
-    if ".sampler." in name:
+    if f".{SAMPLER}." in name:
         return "generator"
     if ".tokenizer." in name:
         return "tokenizer"
-    if ".encoder_embeddings." in name:
-        key = name.split(".encoder_embeddings.", 1)[1].split(".", 1)[0]
+    if f".{ENCODER_EMBEDDINGS}." in name:
+        key = name.split(f".{ENCODER_EMBEDDINGS}.", 1)[1].split(".", 1)[0]
         return "thought embedding" if key in thought_keys else "input embeddings"
     return "encoder blocks" if name.startswith("encoder.") else "decoder and head"
 
 
-def time_train_step(task, batch: Mapping, repeats: int = 1) -> dict:
-    """Seconds for forward and backward of one batch (median of ``repeats``), and the loss."""
-    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=255)
-    forward, backward, loss = [], [], None
+def time_train_step(task, batch: Mapping, repeats: int = 1, warmup: int = 0, optimizer=None,
+                    precision: str = "32-true") -> dict:
+    """One training step of ``task`` on ``batch`` (``{"image": {...}, "mask"}`` on the task's device), timed:
+    medians over ``repeats`` after ``warmup`` untimed steps of the whole step (``step_s``: zero_grad, forward, loss,
+    backward and, with ``optimizer``, its step), of the forward and of the backward, plus the last loss.
+    The one timing of a train step: notebook 02 and ``bench`` both use it."""
+    device = batch["mask"].device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=str(precision).startswith("bf16"))
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    times: dict[str, list[float]] = {"step_s": [], "forward_s": [], "backward_s": []}
     task.model.train()
-    for _ in range(repeats):
-        task.model.zero_grad(set_to_none=True)
+    for i in range(warmup + repeats):
+        sync()
         started = time.perf_counter()
-        logits = task.model(dict(batch["image"])).output
-        loss = loss_fn(logits, batch["mask"])
+        (optimizer or task.model).zero_grad(set_to_none=True)
+        with autocast:
+            logits = task.model(dict(batch["image"])).output
+            loss = loss_fn(logits, batch["mask"])
+        sync()
         middle = time.perf_counter()
         loss.backward()
-        forward.append(middle - started)
-        backward.append(time.perf_counter() - middle)
-    return {"forward_s": sorted(forward)[len(forward) // 2], "backward_s": sorted(backward)[len(backward) // 2],
-            "loss": float(loss), "logits_shape": list(logits.shape)}
+        if optimizer is not None:
+            optimizer.step()
+        sync()
+        if i >= warmup:
+            for key, value in (("step_s", time.perf_counter() - started), ("forward_s", middle - started),
+                               ("backward_s", time.perf_counter() - middle)):
+                times[key].append(value)
+    return {**{k: statistics.median(v) for k, v in times.items()}, "loss": float(loss), "logits_shape": list(logits.shape)}
 
 
 def s2_medians_by_period(data_dir, index, max_chips: int = 200, stride: int = 4, seed: int = 0) -> pd.DataFrame:

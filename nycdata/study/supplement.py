@@ -18,14 +18,12 @@ import yaml
 
 from nycdata.data.classes import CLASSES
 from nycdata.io import replace_dir_atomically
-from nycdata.params import run_root
+from nycdata.runs import CellLayout, RunLayout
 from nycdata.study.evaluate import finished_runs
 from nycdata.study.stats import interval_text
 
-SUPPLEMENT_DIR = "supplement"
 CARD_FILE = "MODEL_CARD.md"
-COPIED = ("summary.md", "results.csv", "comparison.json", "per_chip.csv", "data_summary.json", "smoke.json",
-          "thoughts.json", "params.yaml")
+COPIED = ("summary", "results", "comparison", "per_chip", "data_summary", "smoke", "thoughts", "params_file")  # RunLayout
 VERSIONED = ("torch", "terratorch", "torchgeo", "lightning", "torchmetrics", "rasterio", "geopandas", "numpy",
              "papermill", "huggingface_hub", "nycdata")
 
@@ -40,8 +38,7 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _require(root: Path, name: str) -> Path:
-    path = root / name
+def _require(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: run the study first (`python -m nycdata study -f PARAMS`)")
     return path
@@ -61,9 +58,10 @@ def _verdict_text(name: str, c: Mapping) -> str:
 
 def model_card(root: Path, params: Mapping) -> str:
     """A Hugging Face model card: model, data, classes, splits, metrics with CIs, limitations, how to reproduce."""
-    comparison = json.loads(_require(root, "comparison.json").read_text())
-    data = json.loads(_require(root, "data_summary.json").read_text())
-    summary = _require(root, "summary.md").read_text()
+    layout = RunLayout(Path(root))
+    comparison = json.loads(_require(layout.comparison).read_text())
+    data = json.loads(_require(layout.data_summary).read_text())
+    summary = _require(layout.summary).read_text()
     verdicts = "; ".join(_verdict_text(n, c) for n, c in comparison.items())
     front = {"library_name": "terratorch", "license": "apache-2.0", "pipeline_tag": "image-segmentation",
              "tags": ["terramind", "thinking-in-modalities", "land-cover", "new-york-city", "sentinel-2", "sentinel-1"]}
@@ -109,37 +107,38 @@ python -m nycdata supplement -f params/nyc.yaml
 
 def build_supplement(params: Mapping, log: Callable[[str], None] = print) -> Path:
     """Pack ``supplement/`` and ``supplement.zip`` next to the run's results."""
-    root = run_root(params)
-    with replace_dir_atomically(root / SUPPLEMENT_DIR, overwrite=True) as tmp:
-        for name in COPIED:
-            if (root / name).is_file():
-                shutil.copy2(root / name, tmp / name)
-        for folder in ("html", "figures"):
-            if (root / folder).is_dir():
-                shutil.copytree(root / folder, tmp / folder)
+    layout = RunLayout.of(params)
+    root = layout.root
+    with replace_dir_atomically(layout.supplement, overwrite=True) as tmp:
+        for path in (getattr(layout, name) for name in COPIED):
+            if path.is_file():
+                shutil.copy2(path, tmp / path.name)
+        for folder in (layout.html, layout.figures):
+            if folder.is_dir():
+                shutil.copytree(folder, tmp / folder.name)
         (tmp / "versions.json").write_text(json.dumps(package_versions(), indent=2) + "\n")
         (tmp / CARD_FILE).write_text(model_card(root, params))
-    archive = shutil.make_archive(str(root / SUPPLEMENT_DIR), "zip", root / SUPPLEMENT_DIR)
-    log(f"supplement: {root / SUPPLEMENT_DIR} and {archive}")
-    return root / SUPPLEMENT_DIR
+    archive = shutil.make_archive(str(layout.supplement_zip.with_suffix("")), "zip", layout.supplement)
+    log(f"supplement: {layout.supplement} and {archive}")
+    return layout.supplement
 
 
 def upload_plan(params: Mapping, comparison_name: str = "tim_vs_baseline") -> list[tuple[Path, str]]:
     """(local file, path in the repo) to upload: the card and results, plus the TiM checkpoint when the gate says publish."""
-    root = run_root(params)
-    supplement = root / SUPPLEMENT_DIR
+    layout = RunLayout.of(params)
+    root, supplement = layout.root, layout.supplement
     if not (supplement / CARD_FILE).is_file():
         raise FileNotFoundError(f"{supplement / CARD_FILE} missing: run `python -m nycdata supplement` first")
-    plan = [(supplement / CARD_FILE, "README.md"), (supplement / "comparison.json", "comparison.json"),
-            (supplement / "results.csv", "results.csv")]
-    comparison = json.loads((supplement / "comparison.json").read_text())[comparison_name]
+    copied = [supplement / layout.comparison.name, supplement / layout.results.name]  # as build_supplement copied them
+    plan = [(supplement / CARD_FILE, "README.md"), *[(path, path.name) for path in copied]]
+    comparison = json.loads(copied[0].read_text())[comparison_name]
     if comparison["publish"]:  # the first seed's model of every fold (cross-validation trains one per fold)
 
         seed = comparison["seeds"][0]
         for run in finished_runs(root):
             if run.variant == comparison["tim"] and run.seed == seed:
                 fold = "" if run.fold is None else f"_fold{run.fold}"
-                plan.append((run.path / "checkpoints" / "best.ckpt", f"{run.variant}{fold}_seed{seed}.ckpt"))
+                plan.append((CellLayout(run.path).best_checkpoint, f"{run.variant}{fold}_seed{seed}.ckpt"))
     return plan
 
 

@@ -24,21 +24,19 @@ from terratorch.tasks import SemanticSegmentationTask
 from nycdata.data.classes import CLASS_NAMES, IGNORE_INDEX
 from nycdata.data.dataset import NYCDataModule, record_folds
 from nycdata.io import write_json
-from nycdata.model import thinking, weights
+from nycdata.model import terratorch_compat, thinking, weights
 from nycdata.model.factory import backbone_built_outside_global_rng
 from nycdata.model.generated import generate_lulc
+from nycdata.model.terratorch_compat import appending_csv_logger
 from nycdata.model.tim import (check_generator, freeze_input_embeddings, generator_tensor_count, isolate_thought_rng,
                                remember_tokenizer, share_random_generator, tokenizers_deferred,
                                untie_generator_embeddings, use_cached_thoughts)
 from nycdata.model.variants import Variant, get_variant, variant_model_args
-from nycdata.params import TRAIN_SUMMARY_FILE, cell_dir
+from nycdata.runs import CellLayout, cell_dir
 from nycdata.seeding import seed_everything
+from nycdata.study.config import MONITOR, instantiate, task_kwargs, trainer_config
 from nycdata.study.summaries import parameter_groups
 
-SUMMARY_FILE = TRAIN_SUMMARY_FILE
-METRICS_FILE = "metrics.csv"
-WALL_TIME_FILE = "wall_time_s.txt"
-MONITOR = "val/loss"
 
 
 class NYCSegmentationTask(SemanticSegmentationTask):
@@ -75,26 +73,9 @@ class NYCSegmentationTask(SemanticSegmentationTask):
             isolate_thought_rng(self.model, thought_seed)  # after untying: it remembers the generator's device
 
     def configure_optimizers(self):
-        from terratorch.tasks.optimizer_factory import optimizer_factory
-
         trainable = [p for p in self.parameters() if p.requires_grad]
-        return optimizer_factory(self.hparams["optimizer"], self.hparams["lr"], trainable, self.hparams["optimizer_hparams"],
+        return terratorch_compat.optimizer_factory()(self.hparams["optimizer"], self.hparams["lr"], trainable, self.hparams["optimizer_hparams"],
                                  self.hparams["scheduler"], self.monitor, self.hparams["scheduler_hparams"])
-
-
-def task_kwargs(params: Mapping, variant: Variant) -> dict:
-    """Arguments of :class:`NYCSegmentationTask`: the original study's loss, optimiser and scheduler."""
-    return dict(
-        model_args=variant_model_args(params, variant), model_factory="EncoderDecoderFactory",
-        loss="ce", ignore_index=IGNORE_INDEX, class_names=list(CLASS_NAMES),
-        lr=float(params["lr"]), optimizer="AdamW", optimizer_hparams={"weight_decay": float(params["weight_decay"])},
-        scheduler="ReduceLROnPlateau",
-        scheduler_hparams={"factor": float(params["lr_factor"]), "patience": params["lr_patience"]},
-        freeze_backbone=False, plot_on_val=False, cached_thoughts=variant.cached, thought_seed=int(params["thought_seed"]),
-        share_generator_embeddings=bool(params["tim_share_embeddings"]),
-        frozen_input_embeddings=variant.frozen_embeddings or (variant.is_tim and bool(params["tim_share_embeddings"])),
-        random_generator=variant.is_tim and bool(params["tim_random_generator"]),
-    )
 
 
 def build_task(params: Mapping, variant: Variant) -> NYCSegmentationTask:
@@ -136,26 +117,9 @@ class EpochLog(pl.Callback):
 
 
 def _appending_csv_logger(run_dir: Path):
-    """Lightning's CSVLogger deletes an existing ``metrics.csv``; a resumed run must continue it instead."""
-    import csv
-
-    from lightning.pytorch.loggers import CSVLogger
-    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-
-    class AppendingWriter(ExperimentWriter):
-        def _check_log_dir_exists(self) -> None:
-            if self._fs.isfile(self.metrics_file_path):
-                with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                    self.metrics_keys = sorted(next(csv.reader(file), []))
-
-    class AppendingCSVLogger(CSVLogger):
-        @property
-        def experiment(self):
-            if self._experiment is None:
-                self._experiment = AppendingWriter(log_dir=self.log_dir)
-            return self._experiment
-
-    return AppendingCSVLogger(save_dir=run_dir, name="", version="")
+    """Lightning's CSVLogger deletes an existing ``metrics.csv``; a resumed run must continue it instead (built on
+    Lightning's private ExperimentWriter hooks, so it lives in nycdata.model.terratorch_compat)."""
+    return appending_csv_logger(run_dir)
 
 
 def variant_datamodule(params: Mapping, variant: Variant, log: Callable[[str], None] = print, **overrides):
@@ -166,7 +130,7 @@ def variant_datamodule(params: Mapping, variant: Variant, log: Callable[[str], N
         generated = str(generate_lulc(params, variant, log))
     if variant.cached:
         cache = str(cache_thoughts(params, variant, log))
-    return NYCDataModule.from_params({**params, "modalities": list(variant.modalities)}, generated_root=generated,
+    return NYCDataModule.from_params(params, modalities=list(variant.modalities), generated_root=generated,
                                      thought_cache=cache, **overrides)
 
 
@@ -212,17 +176,12 @@ class BatchSeeds(pl.Callback):
 
 
 def make_trainer(params: Mapping, run_dir: Path, log: Callable[[str], None], callbacks=()) -> pl.Trainer:
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="min",
-                                 save_top_k=1, save_last=True)
-    stopper = EarlyStopping(monitor=MONITOR, mode="min", patience=params["early_stopping_patience"])
-    return pl.Trainer(
-        max_epochs=params["max_epochs"], accelerator=params["accelerator"], devices=params["devices"],
-        precision=params["precision"], logger=_appending_csv_logger(run_dir), deterministic=params["deterministic"],
-        callbacks=[checkpoint, stopper, BatchSeeds(params["seed"]), EpochLog(log), *callbacks],
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, default_root_dir=run_dir,
-    )
+    """The Trainer of :func:`nycdata.study.config.trainer_config` (what ``export-config`` prints), but with a CSV
+    logger that appends when a run resumes and a plain line per epoch for headless logs."""
+    config = trainer_config(params, run_dir)
+    configured = [instantiate(spec) for spec in config.pop("callbacks")]
+    config.pop("logger")
+    return pl.Trainer(**config, logger=_appending_csv_logger(run_dir), callbacks=[*configured, EpochLog(log), *callbacks])
 
 
 def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = None,
@@ -232,11 +191,12 @@ def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = No
     variant = get_variant(cell["variant"])
     resume = cell["resume"] if resume is None else resume
     run_dir = cell_dir(cell)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    layout = CellLayout(run_dir)
+    last = layout.last_checkpoint
     _check_run_dir(run_dir, resume, last)
-    if (run_dir / SUMMARY_FILE).is_file():
+    if layout.train_summary.is_file():
         log(f"{run_dir} already finished; nothing to resume")
-        return json.loads((run_dir / SUMMARY_FILE).read_text())
+        return json.loads(layout.train_summary.read_text())
     record_folds(cell)  # folds.csv, or an error when the run folder's folds were other ones
     datamodule = variant_datamodule(cell, variant, log)
     torch.backends.cudnn.benchmark = not cell["deterministic"]  # fixed input sizes: cuDNN picks its fastest kernels once
@@ -259,8 +219,8 @@ def _check_run_dir(run_dir: Path, resume: bool, last: Path) -> None:
         return
     if not resume:
         raise FileExistsError(f"run folder {run_dir} already exists; pass resume=true to continue it from "
-                              "checkpoints/last.ckpt, or choose another run_name")
-    if not last.is_file() and not (run_dir / SUMMARY_FILE).is_file():
+                              f"{last.relative_to(run_dir)}, or choose another run_name")
+    if not last.is_file() and not CellLayout(run_dir).train_summary.is_file():
         raise FileNotFoundError(f"resume=true but {last} does not exist: the run stopped before its first epoch. "
                                 f"Delete {run_dir} and start again.")
 
@@ -279,15 +239,16 @@ def _write_summary(run_dir: Path, variant: Variant, params: Mapping, trainer: pl
         "best_epoch": int(best["epoch"]), "best_val": {k: float(v) for k, v in best.items() if k.startswith("val/")},
         "wall_time_s": _add_wall_time(run_dir, 0.0),
         "parameters": groups.to_dict(orient="index"),
-        "best_checkpoint": "checkpoints/best.ckpt", "last_checkpoint": "checkpoints/last.ckpt",
+        "best_checkpoint": CellLayout(run_dir).best_checkpoint.relative_to(run_dir).as_posix(),
+        "last_checkpoint": CellLayout(run_dir).last_checkpoint.relative_to(run_dir).as_posix(),
     }
-    write_json(run_dir / SUMMARY_FILE, summary)
+    write_json(CellLayout(run_dir).train_summary, summary)
     return summary
 
 
 def _add_wall_time(run_dir: Path, seconds: float) -> float:
     """Add one training leg's seconds to ``wall_time_s.txt``; return the total over all legs."""
-    path = run_dir / WALL_TIME_FILE
+    path = CellLayout(run_dir).wall_time
     total = (float(path.read_text()) if path.is_file() else 0.0) + seconds
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{total:.3f}\n")
@@ -296,5 +257,5 @@ def _add_wall_time(run_dir: Path, seconds: float) -> float:
 
 def read_epoch_metrics(run_dir: Path) -> pd.DataFrame:
     """``metrics.csv`` folded to one row per epoch (Lightning logs train and val rows separately)."""
-    frame = pd.read_csv(Path(run_dir) / METRICS_FILE)
+    frame = pd.read_csv(CellLayout(Path(run_dir)).metrics)
     return frame.groupby("epoch", as_index=False).last().drop(columns=["step"], errors="ignore")
