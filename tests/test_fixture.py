@@ -329,6 +329,15 @@ def test_ensure_fixture_reuses_identical(fixture_copy, small_fixture_config):
     assert _tmp_siblings(fixture_copy) == []
 
 
+def test_ensure_fixture_reuses_one_made_before_the_package_got_its_layers(fixture_copy, small_fixture_config):
+    """A fixture whose dataset.json names the generator by its old module path, nycdata.fixture, is the same one."""
+    spec = chips.DatasetSpec.read(fixture_copy)
+    old = {**spec.source, "generator": "nycdata.fixture"}
+    chips.DatasetSpec(spec.chip_size, spec.timesteps, source=old).write(fixture_copy)
+    before = _mtimes(fixture_copy)
+    assert ensure_fixture(fixture_copy, small_fixture_config) == fixture_copy and _mtimes(fixture_copy) == before
+
+
 @pytest.mark.parametrize("change", [{"seed": 1}, {"chips": 13}, {"size": 48}, {"timesteps": 3}, {"chips_per_parent": 3}])
 def test_ensure_fixture_rejects_different_config(fixture_copy, small_fixture_config, change):
     before = _mtimes(fixture_copy)

@@ -27,6 +27,8 @@ from nycdata.data.synthetic_scene import (DEM_OFFSET_M, S1_SIGNATURES_DB, S2_RED
 from nycdata.io import replace_dir_atomically
 
 UTM_CRS = "EPSG:32618"
+# dataset.json's generator: this module, under its name since the package got its layers and before
+FIXTURE_GENERATORS = ("nycdata.data.fixture", "nycdata.fixture")
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def ensure_fixture(data_dir: Path, config: FixtureConfig) -> Path:
     spec_path = Path(data_dir) / chips.SPEC_FILE
     if spec_path.is_file():
         source = chips.DatasetSpec.read(data_dir).source
-        if source.get("generator") == "nycdata.data.fixture" and source.get("config") == _config_dict(config):
+        if source.get("generator") in FIXTURE_GENERATORS and source.get("config") == _config_dict(config):
             return Path(data_dir)
         raise FileExistsError(
             f"{data_dir} holds a dataset that is not the fixture these params ask for "
@@ -90,7 +92,7 @@ def _write_fixture(out_dir: Path, config: FixtureConfig) -> None:
     chips.write_index(out_dir, index)
     spec = chips.DatasetSpec(
         chip_size=config.size, timesteps=config.timesteps,
-        source={"generator": "nycdata.data.fixture", "config": _config_dict(config)},
+        source={"generator": FIXTURE_GENERATORS[0], "config": _config_dict(config)},
     )
     spec.write(out_dir)
 
