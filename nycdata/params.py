@@ -9,12 +9,15 @@ root, so results do not depend on the working directory.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import difflib
+import functools
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError, create_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_DIR = REPO_ROOT / "params"
@@ -26,16 +29,79 @@ class ParamError(ValueError):
 
 
 def defaults() -> dict[str, Any]:
+    """params/nyc.yaml: every key and the real study's values (a fresh copy on each call)."""
+    return copy.deepcopy(_defaults_file())
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults_file() -> dict[str, Any]:
     return _read_yaml(DEFAULTS_FILE)
 
 
-def load_params(*files: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults, then each params file in order, then ``overrides``; all keys checked."""
+def load_params(*files: str | Path, overrides: Mapping[str, Any] | None = None) -> "Params":
+    """Defaults, then each params file in order, then ``overrides``; every key and type checked, once."""
     params = defaults()
     for path in files:
         _merge(params, _read_yaml(Path(path)), source=str(path))
     _merge(params, dict(overrides or {}), source="overrides")
-    return params
+    return Params(params)
+
+
+_FIELD_TYPES = {bool: StrictBool, int: StrictInt, float: float, str: StrictStr, list: list}
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> type[BaseModel]:
+    """The parameters as a frozen pydantic model: params/nyc.yaml's keys, each typed like its default."""
+    fields = {key: (_FIELD_TYPES.get(type(value), Any), value) for key, value in defaults().items()}
+    return create_model("StudyParameters", __config__=ConfigDict(frozen=True, extra="forbid"), **fields)
+
+
+class Params(Mapping):
+    """A run's parameters, validated once and frozen: ``params.lr`` or ``params["lr"]``.
+
+    It reads like the mapping it replaces (``{**params, "seed": 1}`` is a plain dict again, checked when it is
+    turned back into :class:`Params`); :meth:`replace` derives a checked one.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any]):
+        check_known(values)
+        try:
+            model = _schema().model_validate(dict(values))
+        except ValidationError as err:
+            raise ParamError(f"invalid parameters: {err}") from err
+        object.__setattr__(self, "_values", model)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self._values).model_fields:
+            raise KeyError(key)
+        return getattr(self._values, key)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"no parameter {key!r}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise ParamError(f"parameters are frozen: use params.replace({key}=...) for a changed copy")
+
+    def __iter__(self):
+        return iter(type(self._values).model_fields)
+
+    def __len__(self) -> int:
+        return len(type(self._values).model_fields)
+
+    def __repr__(self) -> str:
+        return f"Params({dict(self)!r})"
+
+    def replace(self, **changes: Any) -> "Params":
+        """A copy with ``changes``, checked like any parameters (unknown names and wrong types fail)."""
+        merged = dict(self)
+        _merge(merged, changes, source="replace")
+        return Params(merged)
 
 
 def check_known(names, source: str = "parameters") -> None:

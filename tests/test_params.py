@@ -79,3 +79,21 @@ def test_original_params_mark_every_defect_with_its_fix():
     keys = [line.split(":")[0].strip() for line in lines]
     assert len(keys) >= 9 and all("Fix:" in line for line in lines)
     assert [k for k in keys if original[k] == nyc[k]] == []
+
+
+def test_parameters_are_a_typed_frozen_object():
+    from nycdata.params import Params
+
+    params = load_params(PARAMS_DIR / "fixture.yaml")
+    assert isinstance(params, Params) and params.model_size == params["model_size"] == "tiny"
+    with pytest.raises(ParamError, match="frozen.*replace"):
+        params.seed = 1
+    changed = params.replace(seed=7, lr=1e-3)
+    assert (changed.seed, changed.lr, params.seed) == (7, 1e-3, 42)
+    with pytest.raises(ParamError, match=r"'sede' \(did you mean 'seed'\?\)"):
+        params.replace(sede=7)
+    with pytest.raises(ParamError, match="max_epochs"):
+        params.replace(max_epochs="many")
+    with pytest.raises(ParamError, match="max_epochs"):
+        Params({**params, "max_epochs": "many"})  # a dict turned back into parameters is checked again
+    assert type({**params}) is dict and dict(params) == {**params}

@@ -35,6 +35,7 @@ import numpy as np
 from nycdata.data.dataset import prepare_dataset
 from nycdata.io import write_json
 from nycdata.model.variants import VARIANTS, Variant, cached_twin, get_variant
+from nycdata.params import Params
 from nycdata.runs import CellLayout, RunLayout, cell_dir
 from nycdata.study.evaluate import FinishedRun, test_run
 from nycdata.study.train import fine_tune, variant_datamodule
@@ -98,10 +99,10 @@ def agreement_line(result: Mapping) -> str:
 
 def _cell_params(params: Mapping, variant: Variant, thought_seed: int) -> dict:
     """Params of one training: the study's finished cell when it is this one, else a side run that stays out of the study."""
-    cell = {**params, "variant": variant.name, "thought_seed": thought_seed}
+    cell = Params(params).replace(variant=variant.name, thought_seed=thought_seed)
     if thought_seed == params["thought_seed"] and CellLayout(cell_dir(cell)).train_summary.is_file():
         return cell
-    return {**cell, "output_root": str(RunLayout.of(params).cache_agreement), "run_name": f"thought_seed{thought_seed}"}
+    return cell.replace(output_root=str(RunLayout.of(params).cache_agreement), run_name=f"thought_seed{thought_seed}")
 
 
 def _fine_tune_and_test(params: Mapping, log: Callable[[str], None]) -> float:

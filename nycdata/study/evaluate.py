@@ -21,7 +21,7 @@ from nycdata.data.classes import CLASS_NAMES, NUM_CLASSES
 from nycdata.data.metrics import CM_COLUMNS, metrics_from_confusion, per_chip_confusion
 from nycdata.io import write_json
 from nycdata.model.variants import COMPARISONS, CONTROLS, get_variant
-from nycdata.params import resolve_path
+from nycdata.params import Params, resolve_path
 from nycdata.runs import CellLayout, RunLayout
 from nycdata.study.stats import paired_bootstrap, with_gate
 from nycdata.study.train import NYCSegmentationTask, seed_everything, training_device, variant_datamodule
@@ -65,7 +65,7 @@ def run_params(params: Mapping, run: FinishedRun) -> dict:
         raise ValueError(f"{run.path} was trained {'on the fixed split' if run.fold is None else f'on fold {run.fold}'} "
                          f"but these params have cv_folds={params['cv_folds']}: evaluate it with the cv_folds it was "
                          "trained with")
-    return {**params, "variant": run.variant, "seed": run.seed, "fold": run.fold or 0}
+    return Params(params).replace(variant=run.variant, seed=run.seed, fold=run.fold or 0)
 
 
 def load_task(run: FinishedRun, device: str = "cpu") -> NYCSegmentationTask:

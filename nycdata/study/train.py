@@ -32,6 +32,7 @@ from nycdata.model.tim import (check_generator, freeze_input_embeddings, generat
                                remember_tokenizer, share_random_generator, tokenizers_deferred,
                                untie_generator_embeddings, use_cached_thoughts)
 from nycdata.model.variants import Variant, get_variant, variant_model_args
+from nycdata.params import Params
 from nycdata.runs import CellLayout, cell_dir
 from nycdata.seeding import seed_everything
 from nycdata.study.config import MONITOR, instantiate, task_kwargs, trainer_config
@@ -187,7 +188,7 @@ def make_trainer(params: Mapping, run_dir: Path, log: Callable[[str], None], cal
 def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = None,
               log: Callable[[str], None] = print, callbacks=()) -> dict:
     """Fine-tune ``params['variant']`` on fold ``params['fold']`` with ``seed``; return (and write) the train summary."""
-    cell = {**params, "seed": params["seed"] if seed is None else seed}
+    cell = Params(params).replace(seed=params["seed"] if seed is None else seed)  # checked once, here
     variant = get_variant(cell["variant"])
     resume = cell["resume"] if resume is None else resume
     run_dir = cell_dir(cell)
