@@ -185,6 +185,15 @@ def split_dates(dates: str) -> list[str]:
     return [d for d in str(dates).split("|") if d]
 
 
+def split_labels(n_parents: int, fractions) -> list[str]:
+    """The grouped split's counts as a list of labels: ``fractions`` (train, val, test) of the parents, rounded, at
+    least one test and one val parent, the rest train. Shuffling parents onto these labels is left to the caller
+    (the fixture and the builder draw their permutations differently, and keep doing so)."""
+    n_test = max(1, round(fractions[2] * n_parents))
+    n_val = max(1, round(fractions[1] * n_parents))
+    return ["test"] * n_test + ["val"] * n_val + ["train"] * (n_parents - n_test - n_val)
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     """Which chips train, validate and test: the index's fixed ``split`` column, or fold ``fold`` of a grouped

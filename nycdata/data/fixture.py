@@ -126,9 +126,7 @@ def _layout_parents(config: FixtureConfig, rng: np.random.Generator) -> list[_Pa
 
 def _grouped_splits(n_parents: int, rng: np.random.Generator) -> list[str]:
     """Whole parents go to one split: at least one each, about 70/15/15."""
-    n_test = max(1, round(0.15 * n_parents))
-    n_val = max(1, round(0.15 * n_parents))
-    labels = ["test"] * n_test + ["val"] * n_val + ["train"] * (n_parents - n_test - n_val)
+    labels = chips.split_labels(n_parents, (0.7, 0.15, 0.15))
     return [labels[i] for i in rng.permutation(n_parents)]
 
 

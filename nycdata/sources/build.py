@@ -214,10 +214,7 @@ def grouped_split(parents: list[str], fractions, seed: int, method: str = "permu
     if method != "permutation":
         raise SourceError(f"split_method {method!r} unknown; choose one of {list(SPLIT_METHODS)}")
     order = [parents[i] for i in np.random.default_rng(seed).permutation(len(parents))]
-    n_test = max(1, round(fractions[2] * len(parents)))
-    n_val = max(1, round(fractions[1] * len(parents)))
-    labels = ["test"] * n_test + ["val"] * n_val + ["train"] * (len(parents) - n_test - n_val)
-    return dict(zip(order, labels))
+    return dict(zip(order, chips.split_labels(len(parents), fractions)))
 
 
 @dataclass
