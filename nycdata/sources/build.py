@@ -430,8 +430,10 @@ def s2_harmonisation_example(manifest: pd.DataFrame, parent: str, params: Mappin
     rows = manifest[(manifest["parent_id"] == parent) & (manifest["modality"] == "S2L2A")]
     grid = reference_grid(rows)
     for date in sorted(set(rows["date"])):
-        before, _ = s2_stack(rows[rows["date"] == date], grid, "as_delivered")
-        after, decision = s2_stack(rows[rows["date"] == date], grid, params["s2_offset_convention"])
+        scene = rows[rows["date"] == date]
+        before, _ = s2_stack(scene, grid, "as_delivered")  # read once; the convention is applied to it in memory
+        after, decision = harmonise(before, date, scene.iloc[0]["processing_baseline"], params["s2_offset_convention"],
+                                    f"parent {parent} S2 {date}")
         if decision.action:
             return {"date": date, "before": before[3], "after": after[3], "action": decision.action}
     return None
