@@ -1,18 +1,20 @@
 # Two entry points: `make test` and `make demo`. Each creates .venv when it is
 # missing or older than requirements.lock / pyproject.toml, so a fresh clone
 # needs nothing else; a second run does not reinstall.
-PYTHON ?= python3.11
+# The first of Python 3.11, 3.12, 3.13 found (PYTHON=... overrides).
+PYTHON ?= $(firstword $(foreach v,3.11 3.12 3.13,$(shell command -v python$(v) 2>/dev/null)))
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-from-lock
 
 PARAMS ?= params/nyc.yaml
 
-.PHONY: test demo demo-original study venv lock clean-outputs
+.PHONY: test demo demo-original study gpu-check venv lock clean-outputs
 
 venv: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
+	@test -n "$(PYTHON)" || { echo "no python3.11, python3.12 or python3.13 found: install one, or pass PYTHON=/path/to/python" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
@@ -32,6 +34,11 @@ demo-original: $(STAMP)
 # The variants x seeds grid of PARAMS; rerunning continues where it stopped.
 study: $(STAMP)
 	$(PY) -m nycdata study -f $(PARAMS)
+
+# On a GPU box: synthetic chips at the real shape, bench + thought caching + a short fine-tune at base size,
+# bench.json/bench.md naming the GPU, and the study's projected time and disk.
+gpu-check: $(STAMP)
+	$(PY) -m nycdata gpu-check
 
 # Refresh the lock from the current .venv (after a deliberate dependency change).
 lock: $(STAMP)

@@ -52,9 +52,40 @@ def cmd_run(args) -> int:
     params = _params(args)
     started = time.monotonic()
     resume = args.command == "study" or getattr(args, "resume", False)
-    run_dir = run_pipeline(params, overwrite=getattr(args, "overwrite", False), resume=resume, log=_log)
+    launcher = _launcher(args)
+    from contextlib import nullcontext
+
+    from nycdata.study.notebooks import SharedKernel
+
+    with SharedKernel() if args.one_kernel else nullcontext() as kernel:
+        run_dir = run_pipeline(params, overwrite=getattr(args, "overwrite", False), resume=resume or launcher is not None,
+                               log=_log, kernel=kernel, launcher=launcher)
     _log(f"run: finished in {time.monotonic() - started:.0f} s; outputs in {run_dir}")
     return 0
+
+
+def _launcher(args):
+    if not getattr(args, "launcher", None):
+        return None
+    from nycdata.study.launch import Launcher
+
+    return Launcher(args.launcher, max_parallel=args.max_parallel, partition=args.partition,
+                    gpus_per_cell=args.gpus_per_cell, timeout_min=args.timeout_min, poll_s=args.poll_s)
+
+
+def _add_chain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--one-kernel", action="store_true",
+                   help="run every notebook in one kernel, reset before each (faster on small runs; default: a fresh "
+                        "kernel per notebook)")
+    p.add_argument("--launcher", choices=["local", "slurm", "debug"],
+                   help="run the grid's fine-tunes as concurrent jobs through submitit: local (this machine, one GPU "
+                        "or a share of the cores per cell), slurm (a job array), debug (the slurm path in this "
+                        "process); default: one after another in this process. Implies --resume.")
+    p.add_argument("--max-parallel", type=int, default=1, help="cells running at once (default 1)")
+    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("--gpus-per-cell", type=int, help="GPUs per cell (default: 1 on SLURM; locally 1 if CUDA is visible)")
+    p.add_argument("--timeout-min", type=int, default=24 * 60, help="per-cell time limit in minutes (default 1440)")
+    p.add_argument("--poll-s", type=float, default=5.0, help="seconds between job status checks (default 5)")
 
 
 def _params(args):
@@ -139,10 +170,19 @@ def cmd_bench(args) -> int:
     from nycdata.study.bench import markdown, run_bench, write_bench
 
     params = _params(args)
-    result = run_bench(params, device=args.device, warmup=args.warmup, repeats=args.repeats, log=_log)
+    result = run_bench(params, device=args.device, warmup=args.warmup, rounds=args.rounds, steps=args.steps, log=_log)
     paths = write_bench(params, result)
     _log(markdown(result))
     _log(f"bench: wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+def cmd_gpu_check(args) -> int:
+    from nycdata.study.gpu_check import run_gpu_check
+
+    run_gpu_check(args.params_file, _parse_overrides(args.param), chips=args.chips, size=args.size,
+                  timesteps=args.timesteps, out=args.out, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
+                  epochs=args.epochs, study_chips=args.study_chips, loader_seconds=args.loader_seconds, log=_log)
     return 0
 
 
@@ -211,18 +251,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder instead of failing")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in its folder: finished cells are skipped, a stopped fine-tune resumes")
+    _add_chain_options(p)
     p = _params_command(sub, "bench", "time train steps (baseline, tim, tim_cached), inference, thought caching, loader",
                         cmd_bench)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when visible (default)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after building each model (default 2)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds, variant order rotated (default 5)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per variant and round (default 2)")
+    p = _params_command(sub, "gpu-check", "synthetic chips at the real shape: bench, thought caching and a short "
+                        "fine-tune at the real model size; the study's projected time and disk (bench.json/bench.md)",
+                        cmd_gpu_check)
+    p.add_argument("--chips", type=int, default=64, help="synthetic chips (default 64)")
+    p.add_argument("--size", type=int, default=None, help="chip size in px (default: the params' chip_size, 256)")
+    p.add_argument("--timesteps", type=int, default=None, help="timesteps (default: the params' timesteps, 4)")
+    p.add_argument("--out", default=None, help="output_root; the check writes into OUT/gpu_check (default: outputs)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved bench rounds (default 5)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant and round (default 3)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after building each model (default 2)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of the short baseline fine-tune (default 2)")
+    p.add_argument("--study-chips", type=int, default=400,
+                   help="chips of the real dataset when it is not at data_root to count (default 400)")
+    p.add_argument("--loader-seconds", type=float, default=2.0, help="seconds to time the data loader (default 2)")
     p = _params_command(sub, "cache-check", "does the cached-thought twin of `variant` agree with online TiM at `seed`? "
                         "(online once per thought seed, cached once; exit 1 if not)", cmd_cache_check)
     p.add_argument("--thought-seeds", type=int, nargs="+", default=[0, 1, 2], help="online thought seeds (default 0 1 2)")
     p.add_argument("--level", type=float, default=0.95,
                    help="the cached run must fall in this prediction interval of the online runs (default 0.95)")
+    p = _params_command(sub, "study", "the study grid (variants x seeds x folds): the same as `run --resume`", cmd_run)
+    _add_chain_options(p)
     for name, help_text, func in (
-        ("study", "the study grid (variants x seeds x folds): the same as `run --resume`", cmd_run),
         ("supplement", "pack the run's supplementary material (folder + zip) with its model card", cmd_supplement),
         ("publish", "upload the model card (+ TiM checkpoint if the gate says so); dry run by default", cmd_publish),
         ("export-config", "print a LightningCLI config for `terratorch fit --config`", cmd_export_config),

@@ -12,8 +12,11 @@ No other module joins a run folder's paths by hand; they ask :class:`RunLayout` 
     <run>/thought_cache/<online variant>/    cached thoughts (nycdata.data.thoughts)
     <run>/generated_lulc/                    tim_input's generated LULC
     <run>/bench.json, bench.md               the benchmark
+    <run>/logs/                              the launcher's per-cell job logs (nycdata.study.launch)
+    <run>/data/                              gpu-check's synthetic chips at the real shape
+    <run>/set_aside/<cell path>/<time>/      a cell's files moved out of the way before it restarted
     <run>/supplement/, supplement.zip        the supplementary material
-    <run>/<variant>/[fold<f>/]seed<k>/       one fine-tune: checkpoints/{best,last}.ckpt, metrics.csv,
+    <run>/<variant>/[fold<f>/]seed<k>/       one fine-tune: checkpoints/best.ckpt (+ last.ckpt until done), metrics.csv,
                                              train_summary.json, wall_time_s.txt, test_metrics.json
 """
 
@@ -99,6 +102,7 @@ _FILES = {  # RunLayout attribute -> path below the run folder
     "thoughts": "thoughts.json", "thoughts_per_chip": "thoughts_per_chip.csv", "summary": "summary.md",
     "generated_lulc": "generated_lulc", "bench_json": "bench.json", "bench_md": "bench.md",
     "supplement": "supplement", "supplement_zip": "supplement.zip", "cache_agreement": "cache_agreement",
+    "set_aside": "set_aside", "logs": "logs", "synthetic_data": "data",
 }
 
 

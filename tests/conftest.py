@@ -37,7 +37,16 @@ CHAIN_CHIPS, CHAIN_SIZE, CHAIN_TIMESTEPS = 16, 32, 2
 
 
 @pytest.fixture(scope="session")
-def run(tmp_path_factory):
+def shared_kernel():
+    """One Jupyter kernel for the session's notebook runs: terratorch and Lightning are imported once."""
+    from nycdata.study.notebooks import SharedKernel
+
+    with SharedKernel() as kernel:
+        yield kernel
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory, shared_kernel):
     """Run folder of `run_pipeline` on a fresh fixture (tiny model, 2 epochs), executed from another cwd."""
     import os
 
@@ -48,9 +57,13 @@ def run(tmp_path_factory):
     params = load_params(PARAMS_DIR / "fixture.yaml", overrides={
         "output_root": str(base / "outputs"), "data_root": str(base / "data"), "run_name": "nb",
         "fixture_chips": CHAIN_CHIPS, "fixture_size": CHAIN_SIZE, "bootstrap_samples": 200})
-    cwd = os.getcwd()
+    cwd, threads = os.getcwd(), os.environ.get("OMP_NUM_THREADS")
     os.chdir(base)  # paths come from parameters, never from the working directory
+    # one CPU thread, as each of test_launch.py's two concurrent cells gets on 2 cores: float sums then add up in
+    # the same order, so the launched grid must reproduce this run's comparison.json exactly
+    os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        return run_pipeline(params, log=lambda message: None)
+        return run_pipeline(params, kernel=shared_kernel, log=lambda message: None)
     finally:
         os.chdir(cwd)
+        os.environ.pop("OMP_NUM_THREADS") if threads is None else os.environ.update(OMP_NUM_THREADS=threads)

@@ -18,11 +18,13 @@ from nycdata.sources.synthetic import SyntheticSourcesConfig, make_sources
 from nycdata.data.validate import validate_dataset
 
 SIZE, T = 32, 2
+PARENT_PX, GRID = 96, 3  # 96 px parents: 3 x 3 chips of 32 px each
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    config = SyntheticSourcesConfig(parents=3, zone_override={1: "EPSG:32617"}, missing_dem_parents=())
+    config = SyntheticSourcesConfig(parents=3, parent_size_px=PARENT_PX, zone_override={1: "EPSG:32617"},
+                                    missing_dem_parents=())
     return make_sources(tmp_path_factory.mktemp("src") / "sources", config)
 
 
@@ -48,7 +50,7 @@ def _read(path, band=None):
 def test_chip_counts_grid_alignment_and_validation(built, sources):
     index = chips.read_index(built)
     assert validate_dataset(built) == []
-    assert len(index) == 3 * 25 - 2  # 160 px parents -> 5 x 5 chips; p00's no-data corner drops 2
+    assert len(index) == 3 * GRID**2 - 2  # p00's no-data corner drops 2
     chip = index[index.chip_id == "nyc_p01_r1c2"].iloc[0]
     assert chip["crs"] == "EPSG:32617"
     b02 = _manifest(sources).query("parent_id == 'p01' and band == 'B02'").iloc[0]
@@ -178,7 +180,7 @@ def test_zero_filled_dem_is_the_originals_and_flagged():
 
 
 def test_explicit_test_chip_list(sources, tmp_path):
-    listed = [f"nyc_p01_r{r}c{c}" for r in range(5) for c in range(5)]
+    listed = [f"nyc_p01_r{r}c{c}" for r in range(GRID) for c in range(GRID)]
     (tmp_path / "test.txt").write_text("\n".join(listed) + "\n")
     out = build_dataset(sources, tmp_path / "listed", _params(test_chips_file=str(tmp_path / "test.txt")), log=lambda m: None)
     index = chips.read_index(out)
@@ -186,8 +188,12 @@ def test_explicit_test_chip_list(sources, tmp_path):
     assert set(index.loc[index.split != "test", "parent_id"]) == {"p00", "p02"}
 
 
+# The error paths need whole parents, not many chips: 64 px parents (2 x 2 chips) with the 2 dates that T needs.
+SMALL_PARENTS = dict(parents=3, parent_size_px=64, dates_per_parent=2)
+
+
 def test_missing_dem_is_an_error_unless_allowed(tmp_path):
-    sources = make_sources(tmp_path / "src", SyntheticSourcesConfig(parents=3, missing_dem_parents=("p02",)))
+    sources = make_sources(tmp_path / "src", SyntheticSourcesConfig(**SMALL_PARENTS, missing_dem_parents=("p02",)))
     with pytest.raises(SourceError, match="parent p02: no DEM.*missing_dem: mean"):
         build_dataset(sources, tmp_path / "fail", _params(), log=lambda m: None)
     assert not (tmp_path / "fail").exists(), "nothing half-written"
@@ -198,7 +204,7 @@ def test_missing_dem_is_an_error_unless_allowed(tmp_path):
 
 
 def test_db_sources_are_not_converted_twice(tmp_path):
-    sources = make_sources(tmp_path / "src", SyntheticSourcesConfig(parents=3, s1_scale="db", s2_layout="stacked"))
+    sources = make_sources(tmp_path / "src", SyntheticSourcesConfig(**SMALL_PARENTS, s1_scale="db", s2_layout="stacked"))
     with pytest.warns(UserWarning, match="declared linear but holds negative values"):
         out = build_dataset(sources, tmp_path / "db", _params(), log=lambda m: None)
     s1, _, _ = _read(out / chips.read_index(out).iloc[0]["path_S1RTC"])

@@ -10,15 +10,16 @@ import torch
 from nycdata.data import chips
 from nycdata.data.chips import TERRAMIND_V1_STATS
 from nycdata.data.dataset import ChipDataset, ChipDraw, EpochDraws, NYCDataModule, d4_transform
-from nycdata.data.fixture import FixtureConfig, make_fixture
 from nycdata.data.validate import ChipError
 
 T, SIZE = 2, 32
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    return make_fixture(tmp_path_factory.mktemp("data") / "fx", FixtureConfig(chips=12, size=SIZE, timesteps=T, seed=3))
+def dataset_dir(pristine_fixture_dir, small_fixture_config):
+    """The session's read-only fixture (12 chips in 3 parents); a test that damages chips copies it first."""
+    assert (small_fixture_config.size, small_fixture_config.timesteps) == (SIZE, T)
+    return pristine_fixture_dir
 
 
 def _raw(data_dir, chip, modality):
@@ -113,7 +114,11 @@ def test_the_loader_order_does_not_depend_on_workers_or_the_global_rng(dataset_d
         loader = dm.train_dataloader()
         loader.sampler.set_epoch(1)
         torch.manual_seed(global_seed)
-        return [(tuple(b["filename"]), b["mask"].sum().item()) for b in loader]
+        batches = [(tuple(b["filename"]), b["mask"].sum().item()) for b in loader]
+        # Lightning's save_hyperparameters keeps this frame alive in a reference cycle: drop the loader now, so its
+        # persistent worker stops here, not at a later garbage collection (which can wait 5 s for it)
+        del loader
+        return batches
 
     assert names(0, 0) == names(0, 99) == names(1, 7)
 

@@ -53,8 +53,11 @@ def test_fine_tunes_trainer_is_the_exported_trainer(tmp_path, data_dir):
     assert trainer.progress_bar_callback is None and not exported["enable_progress_bar"]
     configured = [spec["class_path"].rsplit(".", 1)[1] for spec in exported["callbacks"]]
     built = {type(c).__name__: c for c in trainer.callbacks}  # Lightning moves checkpointing last
-    assert configured == ["ModelCheckpoint", "EarlyStopping", "BatchSeeds"] and set(configured) <= set(built)
-    checkpoint, stopper = built["ModelCheckpoint"], built["EarlyStopping"]
-    assert (stopper.patience, stopper.monitor) == (exported["callbacks"][1]["init_args"]["patience"], "val/loss") == (2, "val/loss")
-    assert checkpoint.dirpath == str(run_dir / "checkpoints")
+    assert configured == ["ModelCheckpoint", "ModelCheckpoint", "EarlyStopping", "BatchSeeds"] and set(configured) <= set(built)
+    best, last = [c for c in trainer.callbacks if type(c).__name__ == "ModelCheckpoint"]
+    stopper = built["EarlyStopping"]
+    assert (stopper.patience, stopper.monitor) == (exported["callbacks"][2]["init_args"]["patience"], "val/loss") == (2, "val/loss")
+    assert best.dirpath == last.dirpath == str(run_dir / "checkpoints")
+    assert (best.monitor, best.save_weights_only, last.monitor, last.save_weights_only) == ("val/loss", True, None, False)
+    assert type(trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
     assert exported["callbacks"][0]["init_args"]["dirpath"].endswith("-cli/checkpoints"), "the CLI writes beside, not over"

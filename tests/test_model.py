@@ -5,10 +5,7 @@ import torch
 from terratorch.models import EncoderDecoderFactory
 
 from nycdata.data.dataset import ChipDataset
-from nycdata.data.fixture import FixtureConfig, make_fixture
 from nycdata.model.factory import backbone_name, model_args
-
-T, SIZE = 2, 64
 
 
 def test_model_args_follow_the_original_config():
@@ -24,9 +21,10 @@ def test_model_args_follow_the_original_config():
         backbone_name("huge")
 
 
-def test_tiny_terramind_overfits_fixture_chips(tmp_path):
-    data_dir = make_fixture(tmp_path / "fx", FixtureConfig(chips=9, size=SIZE, timesteps=T, seed=1))
-    ds = ChipDataset(data_dir, "train")
+def test_tiny_terramind_overfits_fixture_chips(pristine_fixture_dir, small_fixture_config):
+    # the session's 32 px chips (2 x 2 patches of 16 px, 2 timesteps): a quarter of the pixels and tokens of 64 px
+    T, SIZE = small_fixture_config.timesteps, small_fixture_config.size
+    ds = ChipDataset(pristine_fixture_dir, "train")
     batch = torch.utils.data.default_collate([ds[i] for i in range(min(3, len(ds)))])
     torch.manual_seed(0)
     args = model_args(model_size="tiny", modalities=["S2L2A", "S1RTC", "DEM"], timesteps=T, pretrained=False)
@@ -35,7 +33,7 @@ def test_tiny_terramind_overfits_fixture_chips(tmp_path):
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=255)
     losses = []
     model.train()
-    for _ in range(30):
+    for _ in range(20):  # at 32 px: loss ratio 0.38 and accuracy 0.91 after 20 steps (30: 0.31, 0.95)
         optimizer.zero_grad()
         logits = model(batch["image"]).output
         assert logits.shape == (len(batch["filename"]), 5, SIZE, SIZE)

@@ -13,7 +13,8 @@ import yaml
 from nycdata.data.chips import S2L2A_BANDS
 from nycdata.data.chips import TERRAMIND_V1_STATS
 from nycdata.params import defaults
-from nycdata.study.chain import NOTEBOOK_DIR, execute_notebook, run_pipeline
+from nycdata.study.chain import run_pipeline
+from nycdata.study.notebooks import NOTEBOOK_DIR, execute_notebook
 from nycdata.study.stats import with_gate
 
 from conftest import CHAIN_CHIPS as CHIPS, CHAIN_SIZE as SIZE, CHAIN_TIMESTEPS as T
@@ -88,7 +89,7 @@ def test_03_finetune(run, variant, fold):
     assert summary["variant"] == variant and summary["epochs_run"] == 2 and summary["best_epoch"] in (0, 1)
     assert summary["fold"] == fold and summary["parameters"]["input embeddings"]["trainable"] > 0
     assert 0 <= summary["best_val"]["val/mIoU"] <= 1 and summary["wall_time_s"] > 0
-    assert (seed_dir / "checkpoints" / "best.ckpt").is_file() and (seed_dir / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in (seed_dir / "checkpoints").iterdir()) == ["best.ckpt"], "finished: no last.ckpt"
     epochs = [line.split(",")[0] for line in (seed_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert set(epochs) == {"0", "1"}
 
@@ -149,24 +150,47 @@ def test_second_run_into_same_folder_fails_but_the_study_resumes_without_redoing
     assert (run / "comparison.json").stat().st_mtime_ns == before
 
 
-def test_misspelt_parameter_fails_loudly(run, tmp_path):
+@pytest.fixture
+def kernel(shared_kernel):
+    return shared_kernel
+
+
+def test_a_shared_kernel_gives_each_notebook_a_clean_namespace_and_warning_memory(kernel, tmp_path):
+    import papermill
+
+    (tmp_path / "warner.py").write_text("import warnings\n\ndef warn():\n    warnings.warn('shown in every notebook')\n")
+    load = f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport warner\n"  # a module warns: once per location
+    first = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(load + "left_over = 1\nwarner.warn()")])
+    second = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        load + "assert 'left_over' not in globals()\nwarner.warn()")])
+    for name, notebook in (("first", first), ("second", second)):
+        nbformat.write(notebook, tmp_path / f"{name}.ipynb")
+        papermill.execute_notebook(str(tmp_path / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"),
+                                   km=kernel.reset(), kernel_name="python3", progress_bar=False)
+    cell = nbformat.read(tmp_path / "second.out.ipynb", as_version=4).cells[0]
+    assert cell.execution_count == 1, "cell numbers restart"
+    assert any("shown in every notebook" in output.get("text", "") for output in cell.outputs), "warned again"
+
+
+def test_misspelt_parameter_fails_loudly(run, tmp_path, kernel):
     import papermill
 
     params = yaml.safe_load((run / "params.yaml").read_text())
     with pytest.raises(papermill.PapermillExecutionError, match="did you mean 'variant'"):
-        execute_notebook("01_load_data", tmp_path, {**params, "varaint": "tim"})
+        execute_notebook("01_load_data", tmp_path, {**params, "varaint": "tim"}, kernel=kernel)
 
 
-def test_00_builds_from_synthetic_sources_that_01_then_reads(tmp_path):
+def test_00_builds_from_synthetic_sources_that_01_then_reads(tmp_path, kernel):
     """Sources that are not the tests' own (the package's generator), built by notebook 00, read by notebook 01."""
     params = {**yaml.safe_load((NOTEBOOK_DIR.parent / "params" / "fixture.yaml").read_text()),
               "output_root": str(tmp_path / "out"), "run_name": "b", "sources_manifest": str(tmp_path / "src" / "sources.csv"),
               "build_root": str(tmp_path / "built")}
-    execute_notebook("00_build_dataset", tmp_path / "nb", params)
+    execute_notebook("00_build_dataset", tmp_path / "nb", params, kernel=kernel)
     summary = _json(tmp_path / "out" / "b" / "build_summary.json")
     assert summary["n_chips"] == 4 * 16 - 2 and summary["n_parents"] == 4 and summary["dem_missing"] == 0
     assert all("s1_db" in fixes and "s2_offset_" in fixes for fixes in summary["fixes"].values())
-    execute_notebook("01_load_data", tmp_path / "nb", {**params, "fixture": False, "data_root": str(tmp_path / "built")})
+    execute_notebook("01_load_data", tmp_path / "nb", {**params, "fixture": False, "data_root": str(tmp_path / "built")},
+                     kernel=kernel)
     data = _json(tmp_path / "out" / "b" / "data_summary.json")
     assert data["n_chips"] == 62 and data["chip_size"] == 32 and data["timesteps"] == 2
     medians = pd.read_csv(tmp_path / "out" / "b" / "s2_medians.csv", index_col=0)

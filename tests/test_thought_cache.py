@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from nycdata.data.chips import read_index
 from nycdata.data.fixture import FixtureConfig, make_fixture
 from nycdata.data.thoughts import THOUGHTS_KEY, cache_root, tokens_to_map
 from nycdata.model.thinking import autocast, thought_stream_seed
@@ -22,7 +23,9 @@ B, T, SIZE = 2, 2, 32
 @pytest.fixture(scope="module")
 def params(tmp_path_factory):
     base = tmp_path_factory.mktemp("cache")
-    data = make_fixture(base / "data", FixtureConfig(chips=9, size=SIZE, timesteps=T, seed=6))
+    # 4 chips in 3 parents (train 1, val 1, test 2): every split to cache, one of them with more than one chip, and
+    # two test chips for the cache check's mIoU
+    data = make_fixture(base / "data", FixtureConfig(chips=4, size=SIZE, timesteps=T, seed=1))
     return load_params(PARAMS_DIR / "fixture.yaml", overrides={
         "data_root": str(data), "output_root": str(base / "out"), "run_name": "c", "max_epochs": 1, "cv_folds": 0,
         "thought_cache_samples": 2})
@@ -58,7 +61,9 @@ def test_cache_holds_every_chip_transform_and_sample_reproducibly_and_training_r
     assert run["epochs_run"] == 1
     root = cache_root(params, get_variant("tim_cached").online)
     files = sorted(root.glob("*.npy"))
-    assert len(files) == 9, "every chip: with cross-validation each one trains in some fold"
+    index = read_index(params["data_root"])
+    assert index.groupby("split").size().to_dict() == {"train": 1, "val": 1, "test": 2}
+    assert {f.stem for f in files} == set(index["chip_id"]), "every chip: with cross-validation each one trains in some fold"
     ids = {f.stem: np.load(f) for f in files}
     first = next(iter(ids.values()))
     assert first.shape == (8, 2, T, SIZE // 16, SIZE // 16) and first.dtype == np.int16  # thought_cache_samples 2

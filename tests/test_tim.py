@@ -106,10 +106,10 @@ def test_crosswalk_covers_every_terramind_class():
     np.testing.assert_array_equal(esri_to_class(np.arange(10)), [255, 0, 2, 0, 3, 1, 4, 4, 255, 3])
 
 
-def test_the_unused_tokenizer_is_built_only_to_decode_and_never_trains_or_checkpoints(params):
+def test_the_unused_tokenizer_is_built_only_to_decode_and_never_trains_or_checkpoints(tim_task):
     from nycdata.model.tim import thought_tokenizer
 
-    task = build_task(params, get_variant("tim"))
+    task = tim_task  # the module's model: its tokenizer (10^8 parameters) is built once, here or by decoding
     assert not any("tokenizer" in n for n, _ in task.named_parameters()), "no tokenizer in the model"
     optimizer = task.configure_optimizers()["optimizer"]
     in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -195,18 +195,20 @@ def test_offline_cache_miss_names_repo_file_and_command(params, tmp_path, monkey
 
 
 def test_tim_input_generates_lulc_once_and_reads_it_as_a_fourth_input(params, tmp_path):
+    from nycdata.data.chips import read_index
     from nycdata.data.fixture import FixtureConfig, make_fixture
     from nycdata.data.thoughts import GENERATED_DONE_FILE as DONE_FILE, generated_root
     from nycdata.study.train import variant_datamodule
 
-    data = make_fixture(tmp_path / "data", FixtureConfig(chips=9, size=32, timesteps=T, seed=4))
+    data = make_fixture(tmp_path / "data", FixtureConfig(chips=4, size=32, timesteps=T, seed=4))  # 3 parents, every split
     run_params = {**params, "data_root": str(data), "output_root": str(tmp_path / "out"), "run_name": "g", "cv_folds": 0}
     variant = get_variant("tim_input")
     with pytest.raises(ValueError, match="allow_random_generator"):
         variant_datamodule({**run_params, "allow_random_generator": False}, variant, log=lambda m: None)
     datamodule = variant_datamodule(run_params, variant, log=lambda m: None)
     root = generated_root(run_params)
-    assert (root / DONE_FILE).is_file() and len(list(root.glob("*_LULC.tif"))) == 9
+    assert (root / DONE_FILE).is_file()
+    assert {p.name for p in root.glob("*_LULC.tif")} == {f"{c}_LULC.tif" for c in read_index(data)["chip_id"]}
     stamp = (root / DONE_FILE).stat().st_mtime_ns
     variant_datamodule(run_params, variant, log=lambda m: None)
     assert (root / DONE_FILE).stat().st_mtime_ns == stamp, "a finished generation is reused"

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from nycdata.data.chips import read_index
 from nycdata.data.fixture import FixtureConfig, make_fixture
 from nycdata.params import PARAMS_DIR, load_params
 from nycdata.runs import cell_dir
@@ -23,11 +24,34 @@ class InterruptAfterFirstEpoch(pl.Callback):
             raise Interrupt("simulated crash after epoch 1")
 
 
-@pytest.fixture
-def params(tmp_path):
-    data = make_fixture(tmp_path / "data", FixtureConfig(chips=9, size=32, timesteps=2, seed=5))
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Read-only chips for the module: 4 chips in 3 parents, seed 0 puts the 2-chip parent in train (val and test: 1)."""
+    data = make_fixture(tmp_path_factory.mktemp("train") / "data", FixtureConfig(chips=4, size=32, timesteps=2, seed=0))
+    assert read_index(data).groupby("split").size().to_dict() == {"train": 2, "val": 1, "test": 1}
+    return data
+
+
+def _params(data, out, run_name):
+    # batch_size 1: the 2 training chips make 2 batches an epoch
     return load_params(PARAMS_DIR / "fixture.yaml", overrides={
-        "data_root": str(data), "output_root": str(tmp_path / "out"), "run_name": "r", "max_epochs": 2, "cv_folds": 0})
+        "data_root": str(data), "output_root": str(out), "run_name": run_name, "max_epochs": 2, "cv_folds": 0,
+        "batch_size": 1, "thought_cache_samples": 2})
+
+
+@pytest.fixture
+def params(data, tmp_path):
+    return _params(data, tmp_path / "out", "r")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    """One uninterrupted 2-epoch baseline run under ``params`` (its own output_root), recording every training batch:
+    the reference of the resumed run and of the TiM arms. Read it, never change it."""
+    params = _params(data, tmp_path_factory.mktemp("whole") / "out", "whole")
+    recorder = RecordBatches()
+    summary = fine_tune({**params, "variant": "baseline"}, log=lambda m: None, callbacks=[recorder])
+    return {"summary": summary, "batches": recorder.rows, "run_dir": cell_dir({**params, "variant": "baseline"})}
 
 
 def _snapshot(folder):
@@ -38,8 +62,7 @@ def _metric_values(run_dir):
     return read_epoch_metrics(run_dir).drop(columns=["lr-AdamW"], errors="ignore").set_index("epoch").sort_index(axis=1)
 
 
-def test_interrupted_run_resumes_exactly_where_an_uninterrupted_run_would_be(params):
-    uninterrupted = fine_tune({**params, "run_name": "whole"}, log=lambda m: None)
+def test_interrupted_run_resumes_exactly_where_an_uninterrupted_run_would_be(params, uninterrupted):
     run_dir = cell_dir({**params, "variant": "baseline"})
     with pytest.raises(Interrupt):
         fine_tune(params, log=lambda m: None, callbacks=[InterruptAfterFirstEpoch()])
@@ -58,9 +81,8 @@ def test_interrupted_run_resumes_exactly_where_an_uninterrupted_run_would_be(par
     raw = pd.read_csv(run_dir / "metrics.csv")
     assert raw["epoch"].is_monotonic_increasing
     assert (raw.groupby("epoch")["val/loss"].count() == 1).all(), "each epoch validated once"
-    whole = cell_dir({**params, "variant": "baseline", "run_name": "whole"})
-    pd.testing.assert_frame_equal(_metric_values(run_dir), _metric_values(whole))  # exact, every metric of every epoch
-    assert summary["best_val"] == uninterrupted["best_val"]
+    pd.testing.assert_frame_equal(_metric_values(run_dir), _metric_values(uninterrupted["run_dir"]))  # exact, every metric of every epoch
+    assert summary["best_val"] == uninterrupted["summary"]["best_val"]
 
     again = fine_tune({**params, "resume": True}, log=lambda m: None)
     assert again == summary, "resuming a finished run changes nothing"
@@ -105,12 +127,12 @@ class RecordBatches(pl.Callback):
         self.rows[-1].append(_rng_digest())
 
 
-def test_baseline_tim_and_tim_cached_see_the_same_batches_transforms_and_dropout(params):
-    sequences, groups = {}, {}
-    for variant in ("baseline", "tim", "tim_cached"):
+def test_baseline_tim_and_tim_cached_see_the_same_batches_transforms_and_dropout(params, uninterrupted):
+    # the baseline arm: the module's uninterrupted run, under the same params but for output_root and run_name
+    sequences, groups = {"baseline": uninterrupted["batches"]}, {"baseline": uninterrupted["summary"]["parameters"]}
+    for variant in ("tim", "tim_cached"):
         recorder = RecordBatches()
-        cell = {**params, "variant": variant, "max_epochs": 2, "batch_size": 2, "thought_cache_samples": 2}
-        groups[variant] = fine_tune(cell, log=lambda m: None, callbacks=[recorder])["parameters"]
+        groups[variant] = fine_tune({**params, "variant": variant}, log=lambda m: None, callbacks=[recorder])["parameters"]
         sequences[variant] = recorder.rows
     assert groups["baseline"]["input embeddings"]["trainable"] > 0
     for variant in ("tim", "tim_cached"):
@@ -120,8 +142,7 @@ def test_baseline_tim_and_tim_cached_see_the_same_batches_transforms_and_dropout
     assert sequences["tim"] == sequences["baseline"] == sequences["tim_cached"]
 
 
-def test_cross_validation_cells_have_their_own_folders_and_test_parents(tmp_path):
-    data = make_fixture(tmp_path / "data", FixtureConfig(chips=9, size=32, timesteps=2, seed=5))
+def test_cross_validation_cells_have_their_own_folders_and_test_parents(data, tmp_path):
     params = load_params(PARAMS_DIR / "fixture.yaml", overrides={
         "data_root": str(data), "output_root": str(tmp_path / "out"), "run_name": "cv", "max_epochs": 1, "cv_folds": 3,
         "fold": 2})

@@ -25,7 +25,7 @@ def backbone_name(model_size: str, tim: bool = False) -> str:
 
 
 def model_args(model_size: str, modalities: Sequence[str], timesteps: int, pretrained: bool,
-               tim_modalities: Sequence[str] | None = None) -> dict:
+               tim_modalities: Sequence[str] | None = None, decoder_channels: Sequence[int] = (512, 256, 128, 64)) -> dict:
     """``model_args`` for terratorch's EncoderDecoderFactory (and SemanticSegmentationTask)."""
     args = dict(
         backbone=backbone_name(model_size, tim=bool(tim_modalities)),
@@ -40,7 +40,7 @@ def model_args(model_size: str, modalities: Sequence[str], timesteps: int, pretr
             {"name": "LearnedInterpolateToPyramidal"},
         ],
         decoder="UNetDecoder",
-        decoder_channels=[512, 256, 128, 64],
+        decoder_channels=list(decoder_channels),
         head_dropout=0.1,
         num_classes=NUM_CLASSES,
     )

@@ -159,6 +159,17 @@ def generator_tensor_count(model: torch.nn.Module) -> int:
     return 0 if backbone is None else len(compat.generator_of(backbone).state_dict())
 
 
+def frozen_generator_keys(module: torch.nn.Module) -> list[str]:
+    """State-dict keys of TiM's frozen generator that no trained part of ``module`` shares: what every build of the
+    model restores by itself (TerraMind's weights, or the one shared random generator), so checkpoints can leave
+    them out (0.84 GB of a 1.5 GB base TiM checkpoint)."""
+    state = module.state_dict(keep_vars=True)
+    marker = f".{compat.SAMPLER}."
+    elsewhere = {id(t) for key, t in state.items() if marker not in f".{key}"}
+    return [key for key, t in state.items()
+            if marker in f".{key}" and id(t) not in elsewhere and not t.requires_grad]
+
+
 @dataclass
 class ThoughtCapture:
     """Thought tokens of every TiM forward inside :func:`capture_thoughts`, in call order."""

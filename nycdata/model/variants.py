@@ -86,7 +86,7 @@ def cached_twin(name: str) -> str | None:
 def variant_model_args(params: Mapping, variant: Variant) -> dict:
     """EncoderDecoderFactory ``model_args`` for one variant under ``params``."""
     args = model_args(params["model_size"], variant.backbone_modalities, params["timesteps"], params["pretrained"],
-                      tim_modalities=variant.thoughts or None)
+                      tim_modalities=variant.thoughts or None, decoder_channels=params["decoder_channels"])
     if params["backbone_ckpt_path"]:
         args["backbone_ckpt_path"] = str(params["backbone_ckpt_path"])
     if variant.is_tim:

@@ -18,12 +18,9 @@ import yaml
 
 from nycdata.data.dataset import prepare_dataset
 from nycdata.model.variants import get_variant
-from nycdata.params import REPO_ROOT
 from nycdata.runs import RunLayout
+from nycdata.study.notebooks import SharedKernel, execute_notebook, render_html
 from nycdata.study.report import write_summary
-
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-
 
 @dataclass(frozen=True)
 class Step:
@@ -59,41 +56,16 @@ def notebook_steps(params: Mapping) -> list[Step]:
     return steps
 
 
-def execute_notebook(name: str, out_dir: Path, parameters: Mapping, suffix: str = "") -> Path:
-    """Execute ``notebooks/<name>.ipynb`` with papermill into ``out_dir``; return the executed copy."""
-    import logging
-
-    import papermill
-
-    # every notebook gets the whole (already checked) parameter set; papermill would warn about each name a
-    # notebook's parameters cell does not list, although nycdata.notebook accepts every known parameter
-    logging.getLogger("papermill").setLevel(logging.ERROR)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{name}{suffix}.ipynb"
-    papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out), parameters=dict(parameters),
-                               progress_bar=False, log_output=False, kernel_name="python3")
-    return out
-
-
-def render_html(notebook: Path, html_dir: Path) -> Path:
-    """Render an executed notebook to standalone HTML (images embedded), viewable without Jupyter."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    html_dir.mkdir(parents=True, exist_ok=True)
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
-    out = html_dir / f"{notebook.stem}.html"
-    out.write_text(body, encoding="utf-8")
-    return out
-
-
 def run_pipeline(params: Mapping, overwrite: bool = False, resume: bool = False,
-                 log: Callable[[str], None] = print) -> Path:
+                 log: Callable[[str], None] = print, kernel: SharedKernel | None = None, launcher=None) -> Path:
     """Run the chain for ``params`` into ``output_root/run_name``, then write ``summary.md``.
 
     A fresh run refuses an existing run folder unless ``overwrite`` (which deletes it). With ``resume`` (the
     study) an existing folder is continued: finished steps are skipped, an interrupted fine-tune resumes from
-    its ``last.ckpt``, and 04/05 run again only when a fine-tune ran.
+    its ``last.ckpt``, and 04/05 run again only when a fine-tune ran. With a ``kernel`` (:class:`SharedKernel`) every
+    notebook runs in that one kernel (faster on small runs; the default is a fresh kernel per notebook). A ``launcher``
+    (:class:`nycdata.study.launch.Launcher`) runs the unfinished fine-tunes as concurrent jobs instead of one after
+    another here; 04/05 then run once, after the last cell, and not at all when a cell failed.
     """
     layout = RunLayout.of(params)
     root = layout.root
@@ -105,13 +77,21 @@ def run_pipeline(params: Mapping, overwrite: bool = False, resume: bool = False,
         shutil.rmtree(root)
     prepare_dataset(params, log)
     progress, trained = Progress(len(steps), log), False
+    cells = [step for step in steps if step.notebook == "03_finetune"]
     for step in steps:
+        if launcher is not None and step.notebook == "03_finetune":
+            if step is cells[0]:  # the whole grid at once, as jobs
+                todo = [cell for cell in cells if not (root / cell.output).is_file()]
+                progress.launched(len(cells), len(todo))
+                launcher.run_cells(params, todo, log)  # raises, naming each failed cell and its log
+                trained = bool(todo)
+            continue
         if resume and (root / step.output).is_file() and not (trained and step.notebook in ("04_evaluate", "05_visualise_tim")):
             progress.skip(step.label)
             continue
         progress.start(step.label)
         extra = {**step.parameters, "resume": resume} if step.notebook == "03_finetune" else step.parameters
-        execute_notebook(step.notebook, layout.notebooks, {**params, **extra}, step.label[len(step.notebook):])
+        execute_notebook(step.notebook, layout.notebooks, {**params, **extra}, step.label[len(step.notebook):], kernel)
         trained |= step.notebook == "03_finetune"
         progress.done()
     html = [render_html(nb, layout.html) for nb in sorted(layout.notebooks.glob("*.ipynb"))]
@@ -141,6 +121,12 @@ class Progress:
     def skip(self, label: str) -> None:
         self.index += 1
         self.log(f"[{self.index}/{self.total}] {label}: already done, skipped")
+
+    def launched(self, cells: int, todo: int) -> None:
+        first = self.index + 1
+        self.index += cells
+        self.log(f"[{first}-{self.index}/{self.total}] the grid's {cells} fine-tunes: {cells - todo} already done, "
+                 f"{todo} launched")
 
     def done(self) -> None:
         self.ran.append(time.monotonic() - self.step_started)

@@ -1,15 +1,18 @@
 """Fine-tuning one variant with one seed: terratorch's SemanticSegmentationTask under Lightning.
 
-A run writes into :func:`cell_dir` (``output_root/run_name/<variant>/[fold<f>/]seed<k>/``): ``checkpoints/``
-(``best.ckpt`` on val loss, ``last.ckpt``), ``metrics.csv`` (CSVLogger) and,
-only when training finished, ``train_summary.json``. An existing run folder
-is an error unless ``resume`` is true, which continues from ``last.ckpt``.
+A run writes into its cell folder (``output_root/run_name/<variant>/[fold<f>/]seed<k>/``): ``checkpoints/``
+(``best.ckpt``: weights on the best val loss; ``last.ckpt``: the full state, only until the cell finishes),
+``metrics.csv`` (CSVLogger) and, only when training finished, ``train_summary.json``. An existing run folder is an
+error unless ``resume`` is true, which continues from ``last.ckpt`` (one that cannot be read is set aside and the
+cell starts again: :mod:`nycdata.study.checkpoints`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -28,12 +31,13 @@ from nycdata.model import terratorch_compat, thinking, weights
 from nycdata.model.factory import backbone_built_outside_global_rng
 from nycdata.model.generated import generate_lulc
 from nycdata.model.terratorch_compat import appending_csv_logger
-from nycdata.model.tim import (check_generator, freeze_input_embeddings, generator_tensor_count, isolate_thought_rng,
-                               remember_tokenizer, share_random_generator, tokenizers_deferred,
+from nycdata.model.tim import (check_generator, freeze_input_embeddings, frozen_generator_keys, generator_tensor_count,
+                               isolate_thought_rng, remember_tokenizer, share_random_generator, tokenizers_deferred,
                                untie_generator_embeddings, use_cached_thoughts)
 from nycdata.model.variants import Variant, get_variant, variant_model_args
 from nycdata.params import Params
-from nycdata.runs import CellLayout, cell_dir
+from nycdata.runs import CellLayout, RunLayout
+from nycdata.study import checkpoints
 from nycdata.seeding import seed_everything
 from nycdata.study.config import MONITOR, instantiate, task_kwargs, trainer_config
 from nycdata.study.summaries import parameter_groups
@@ -73,10 +77,40 @@ class NYCSegmentationTask(SemanticSegmentationTask):
         if not cached_thoughts:
             isolate_thought_rng(self.model, thought_seed)  # after untying: it remembers the generator's device
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the frozen generator is rebuilt identically with the model: leaving it out keeps a base TiM cell's
+        # checkpoints at the baseline's size (the study's disk: nycdata.study.gpu_check)
+        dropped = frozen_generator_keys(self)
+        for key in dropped:
+            checkpoint["state_dict"].pop(key, None)
+        checkpoint["frozen_generator_tensors_left_out"] = len(dropped)
+        if "optimizer_states" not in checkpoint and str(self.trainer.precision).startswith("bf16"):  # best.ckpt
+            checkpoint["bf16_tensors"] = store_autocast_weights_in_bf16(self, checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("frozen_generator_tensors_left_out"):  # this build's own generator fills them back
+            own = self.state_dict()
+            for key in frozen_generator_keys(self):
+                checkpoint["state_dict"].setdefault(key, own[key])
+
     def configure_optimizers(self):
         trainable = [p for p in self.parameters() if p.requires_grad]
         return terratorch_compat.optimizer_factory()(self.hparams["optimizer"], self.hparams["lr"], trainable, self.hparams["optimizer_hparams"],
                                  self.hparams["scheduler"], self.monitor, self.hparams["scheduler_hparams"])
+
+
+def store_autocast_weights_in_bf16(model: torch.nn.Module, state_dict: dict) -> int:
+    """Round the weights and biases of ``model``'s linear and convolution layers in ``state_dict`` to bf16; return
+    how many. Under bf16 autocast these layers read exactly these bf16 values (autocast rounds the same way, and
+    rounding twice changes nothing), so a bf16-mixed model evaluates identically from the halved file: it keeps the
+    study's best checkpoints (75 cells at base) within a GPU box's disk. Norms, embeddings and buffers stay fp32."""
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d)
+    keys = [f"{name}.{p}" for name, module in model.named_modules() if isinstance(module, layers)
+            for p in ("weight", "bias") if getattr(module, p, None) is not None]
+    rounded = [key for key in keys if key in state_dict and state_dict[key].dtype == torch.float32]
+    for key in rounded:
+        state_dict[key] = state_dict[key].to(torch.bfloat16)
+    return len(rounded)
 
 
 def build_task(params: Mapping, variant: Variant) -> NYCSegmentationTask:
@@ -152,12 +186,14 @@ def training_device(params: Mapping) -> torch.device:
     return torch.device("cuda" if wants_gpu else "cpu")
 
 
-def step_seed(seed: int, epoch: int, batch: int) -> int:
-    return int(np.random.SeedSequence([seed % 2**32, epoch, batch]).generate_state(1)[0])
+def step_seed(seed: int, epoch: int, batch: int, validation: bool = False) -> int:
+    entropy = [seed % 2**32, epoch, batch] + ([1] if validation else [])  # training keeps its original streams
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 class BatchSeeds(pl.Callback):
-    """Reseed Python ``random``, numpy and torch (CPU and every GPU) from (seed, epoch, batch) before each training batch.
+    """Reseed Python ``random``, numpy and torch (CPU and every GPU) from (seed, epoch, batch) before each training and
+    each validation batch.
 
     The global RNG drives dropout and TiM's generation seeds. Lightning and the loaders also draw from it, at
     moments that differ between a fresh and a resumed run (iterator seeds, sanity check), so neither a saved RNG
@@ -170,7 +206,15 @@ class BatchSeeds(pl.Callback):
         self.seed = seed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        seed = step_seed(self.seed, trainer.current_epoch, batch_idx)
+        self._reseed(step_seed(self.seed, trainer.current_epoch, batch_idx))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        # online TiM draws a thought per validation batch too: without this its val loss (early stopping, best
+        # checkpoint, LR schedule) would depend on where the run was resumed (measured: a killed cell's comparison)
+        self._reseed(step_seed(self.seed, trainer.current_epoch, batch_idx, validation=True))
+
+    @staticmethod
+    def _reseed(seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -181,49 +225,85 @@ def make_trainer(params: Mapping, run_dir: Path, log: Callable[[str], None], cal
     logger that appends when a run resumes and a plain line per epoch for headless logs."""
     config = trainer_config(params, run_dir)
     configured = [instantiate(spec) for spec in config.pop("callbacks")]
+    plugins = [instantiate(spec) for spec in config.pop("plugins")]
     config.pop("logger")
-    return pl.Trainer(**config, logger=_appending_csv_logger(run_dir), callbacks=[*configured, EpochLog(log), *callbacks])
+    return pl.Trainer(**config, plugins=plugins, logger=_appending_csv_logger(run_dir),
+                      callbacks=[*configured, EpochLog(log), *callbacks])
 
 
 def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = None,
               log: Callable[[str], None] = print, callbacks=()) -> dict:
-    """Fine-tune ``params['variant']`` on fold ``params['fold']`` with ``seed``; return (and write) the train summary."""
+    """Fine-tune ``params['variant']`` on fold ``params['fold']`` with ``seed``; return (and write) the train summary.
+
+    With ``devices`` > 1 Lightning runs one process per device (``strategy``); only the first writes the summary.
+    """
     cell = Params(params).replace(seed=params["seed"] if seed is None else seed)  # checked once, here
     variant = get_variant(cell["variant"])
     resume = cell["resume"] if resume is None else resume
-    run_dir = cell_dir(cell)
-    layout = CellLayout(run_dir)
-    last = layout.last_checkpoint
-    _check_run_dir(run_dir, resume, last)
+    run, layout = RunLayout.of(cell), RunLayout.of(cell).cell_of(cell)
+    primary = launched_rank() == 0  # the other ranks of a `ddp` launch re-run this function: they only train
+    if primary:
+        _check_run_dir(layout.root, resume)
     if layout.train_summary.is_file():
-        log(f"{run_dir} already finished; nothing to resume")
+        log(f"{layout.root} already finished; nothing to resume")
         return json.loads(layout.train_summary.read_text())
-    record_folds(cell)  # folds.csv, or an error when the run folder's folds were other ones
+    if primary:
+        record_folds(cell)  # folds.csv, or an error when the run folder's folds were other ones
+        resume = resume and checkpoints.resumable(run, layout, log)  # a corrupt last.ckpt is set aside: from scratch
+    else:
+        resume = resume and layout.last_checkpoint.is_file()
     datamodule = variant_datamodule(cell, variant, log)
     torch.backends.cudnn.benchmark = not cell["deterministic"]  # fixed input sizes: cuDNN picks its fastest kernels once
     seed_everything(cell["seed"])
     task = build_task(cell, variant)
     groups = parameter_groups(task.model)
-    trainer = make_trainer(cell, run_dir, log, callbacks)
+    trainer = make_trainer(cell, layout.root, log, [*callbacks, *_injected_kill(layout.root)])
     started = time.monotonic()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if resume and last.is_file() else None)
+            trainer.fit(task, datamodule=datamodule, ckpt_path=str(layout.last_checkpoint) if resume else None)
     finally:  # an interrupted leg still counts towards the run's wall time
-        _add_wall_time(run_dir, time.monotonic() - started)
-    return _write_summary(run_dir, variant, cell, trainer, groups)
+        if trainer.is_global_zero:
+            _add_wall_time(layout.root, time.monotonic() - started)
+    if not trainer.is_global_zero:
+        return {}
+    summary = _write_summary(layout.root, variant, cell, trainer, groups)
+    checkpoints.finish(layout)  # no resuming a finished cell: its last.ckpt (with optimizer state) goes
+    return summary
 
 
-def _check_run_dir(run_dir: Path, resume: bool, last: Path) -> None:
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
-    if not resume:
+# Crash-recovery tests set this to "<cell folder>:<epoch>": the process training that cell is SIGKILLed as that epoch
+# starts (a job killed by its scheduler, out of memory, a node lost), from inside a launcher's job and notebook kernel.
+KILL_ENV = "NYCDATA_KILL_CELL_AT_EPOCH"
+
+
+class KillAtEpoch(pl.Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _injected_kill(run_dir: Path) -> list:
+    folder, _, epoch = os.environ.get(KILL_ENV, "").rpartition(":")
+    return [KillAtEpoch(int(epoch))] if folder and Path(folder).resolve() == Path(run_dir).resolve() else []
+
+
+def launched_rank() -> int:
+    """This process's rank in a multi-process launch (Lightning's ``ddp`` children, SLURM tasks); 0 otherwise."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run folder {run_dir} already exists; pass resume=true to continue it from "
-                              f"{last.relative_to(run_dir)}, or choose another run_name")
-    if not last.is_file() and not CellLayout(run_dir).train_summary.is_file():
-        raise FileNotFoundError(f"resume=true but {last} does not exist: the run stopped before its first epoch. "
-                                f"Delete {run_dir} and start again.")
+                              f"{CellLayout(run_dir).last_checkpoint.relative_to(run_dir)}, or choose another run_name")
 
 
 def _write_summary(run_dir: Path, variant: Variant, params: Mapping, trainer: pl.Trainer, groups) -> dict:
@@ -234,14 +314,13 @@ def _write_summary(run_dir: Path, variant: Variant, params: Mapping, trainer: pl
         "cv_folds": params["cv_folds"], "thought_seed": params["thought_seed"] if variant.is_tim else None,
         "tim_share_embeddings": params["tim_share_embeddings"] if variant.is_tim else None,
         "tim_random_generator": params["tim_random_generator"] if variant.is_tim else None,
-        "deterministic": params["deterministic"],
+        "deterministic": params["deterministic"], "world_size": trainer.world_size,
         "epochs_run": int(epochs["epoch"].max()) + 1,
         "max_epochs": trainer.max_epochs, "stopped_early": bool(trainer.should_stop and trainer.current_epoch < trainer.max_epochs),
         "best_epoch": int(best["epoch"]), "best_val": {k: float(v) for k, v in best.items() if k.startswith("val/")},
         "wall_time_s": _add_wall_time(run_dir, 0.0),
         "parameters": groups.to_dict(orient="index"),
         "best_checkpoint": CellLayout(run_dir).best_checkpoint.relative_to(run_dir).as_posix(),
-        "last_checkpoint": CellLayout(run_dir).last_checkpoint.relative_to(run_dir).as_posix(),
     }
     write_json(CellLayout(run_dir).train_summary, summary)
     return summary
