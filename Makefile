@@ -1,8 +1,8 @@
 # Two entry points: `make test` and `make demo`. Each creates .venv when it is
 # missing or older than requirements.lock / pyproject.toml, so a fresh clone
 # needs nothing else; a second run does not reinstall.
-# The first of Python 3.11, 3.12, 3.13 found (PYTHON=... overrides).
-PYTHON ?= $(firstword $(foreach v,3.11 3.12 3.13,$(shell command -v python$(v) 2>/dev/null)))
+# The first of Python 3.11, 3.12, 3.13 that runs (a pyenv shim of an inactive version does not; PYTHON=... overrides).
+PYTHON ?= $(firstword $(foreach v,3.11 3.12 3.13,$(shell python$(v) -c 'import sys' >/dev/null 2>&1 && command -v python$(v))))
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-from-lock
