@@ -240,7 +240,8 @@ def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = No
     cell = Params(params).replace(seed=params["seed"] if seed is None else seed)  # checked once, here
     variant = get_variant(cell["variant"])
     resume = cell["resume"] if resume is None else resume
-    run, layout = RunLayout.of(cell), RunLayout.of(cell).cell_of(cell)
+    run = RunLayout.of(cell)
+    layout = run.cell_of(cell)
     primary = launched_rank() == 0  # the other ranks of a `ddp` launch re-run this function: they only train
     if primary:
         _check_run_dir(layout.root, resume)
