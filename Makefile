@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-from-lock
 
 PARAMS ?= params/nyc.yaml
 
-.PHONY: test demo demo-original study gpu-check venv lock clean-outputs
+.PHONY: test demo demo-original study gpu-check lab venv lock clean-outputs
 
 venv: $(STAMP)
 
@@ -18,6 +18,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m nycdata install-kernel
 	@touch $@
 
 test: $(STAMP)
@@ -30,6 +31,12 @@ demo: $(STAMP)
 # cv_folds 0 because the original used one fixed split.
 demo-original: $(STAMP)
 	$(PY) -m nycdata run -f params/original.yaml -f params/fixture.yaml -p cv_folds 0 -p run_name demo_original --overwrite
+
+# JupyterLab on this repository with the notebooks' kernel `nycdata` (this .venv); prints the URL, Ctrl-C stops it.
+# LAB_PORT=... picks the port (a busy one moves to a free one).
+LAB_PORT ?= 8888
+lab: $(STAMP)
+	$(PY) -m nycdata lab --port $(LAB_PORT)
 
 # The variants x seeds grid of PARAMS; rerunning continues where it stopped.
 study: $(STAMP)

@@ -193,6 +193,19 @@ def cmd_cache_check(args) -> int:
     return 0 if result["agree"] else 1
 
 
+def cmd_lab(args) -> int:
+    from nycdata.lab import run_lab
+
+    return run_lab(port=args.port, ip=args.ip, log=_log)
+
+
+def cmd_install_kernel(args) -> int:
+    from nycdata.lab import KERNEL_NAME, install_kernel
+
+    _log(f"install-kernel: Jupyter kernel {KERNEL_NAME!r} ({sys.executable}) in {install_kernel()}")
+    return 0
+
+
 def _add_params_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--params-file", action="append", default=[], help="params YAML (repeatable; later wins)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), help="override one parameter")
@@ -246,6 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parents", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synthetic_sources)
+
+    p = sub.add_parser("lab", help="JupyterLab on the repository with the nycdata kernel; prints its URL, "
+                       "Ctrl-C stops it")
+    p.add_argument("--port", type=int, default=8888,
+                   help="port (default 8888; a busy one moves to a free one nearby, 0 takes any free one)")
+    p.add_argument("--ip", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.set_defaults(func=cmd_lab)
+
+    p = sub.add_parser("install-kernel", help="register this environment as the Jupyter kernel 'nycdata' "
+                       "(the notebooks' kernel, for JupyterLab and papermill)")
+    p.set_defaults(func=cmd_install_kernel)
 
     p = _params_command(sub, "run", "run the notebook chain for a params file into output_root/run_name", cmd_run)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder instead of failing")

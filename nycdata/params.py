@@ -39,12 +39,27 @@ def _defaults_file() -> dict[str, Any]:
 
 
 def load_params(*files: str | Path, overrides: Mapping[str, Any] | None = None) -> "Params":
-    """Defaults, then each params file in order, then ``overrides``; every key and type checked, once."""
+    """Defaults, then each params file in order, then the ``params_file`` parameter's file (when a file or
+    ``overrides`` set one; relative to the repository root), then ``overrides``; every key and type checked, once."""
     params = defaults()
     for path in files:
         _merge(params, _read_yaml(Path(path)), source=str(path))
-    _merge(params, dict(overrides or {}), source="overrides")
+    overrides = dict(overrides or {})
+    chosen = overrides.get("params_file") or params["params_file"]
+    if chosen:
+        path = resolve_path(chosen)
+        if not path.is_file():
+            raise ParamError(f"parameter params_file: {path} not found; give a params YAML such as "
+                             f"'params/fixture.yaml' (relative paths start at {REPO_ROOT}), or '' for none")
+        _merge(params, {**_read_yaml(path), "params_file": chosen}, source=str(path))
+    _merge(params, overrides, source="overrides")
     return Params(params)
+
+
+def non_default(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters whose values differ from params/nyc.yaml: what a run set, all that a notebook needs injected."""
+    nyc = defaults()  # an unknown name is kept, for the notebook to reject it
+    return {key: value for key, value in params.items() if key not in nyc or value != nyc[key]}
 
 
 _FIELD_TYPES = {bool: StrictBool, int: StrictInt, float: float, str: StrictStr, list: list}

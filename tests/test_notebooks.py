@@ -215,3 +215,77 @@ def test_tim_evaluation_draws_k_thoughts_and_reports_their_spread(run, tmp_path)
     assert metrics["thought_spread_pp"] >= 0 and 0 <= metrics["miou"] <= 1
     single = _json(run / "tim" / "fold0" / "seed42" / "test_metrics.json")
     assert rows.filter(like="cm_").to_numpy().sum() == 3 * sum(map(sum, single["confusion"])), "pixels of 3 thoughts pooled"
+
+
+def test_params_file_switches_a_notebook_with_one_edit_and_explicit_values_win(capsys):
+    from nycdata.notebook import notebook_params
+    from nycdata.params import PARAMS_DIR, load_params
+
+    nyc, fixture = defaults(), dict(load_params(PARAMS_DIR / "fixture.yaml"))
+    cell = {k: nyc[k] for k in ("data_root", "run_name", "max_epochs", "model_size", "fixture", "lr")}
+    history = ["", "from nycdata.notebook import notebook_params", "params_file: str = ''\n..."]
+
+    def collect(namespace):
+        return dict(notebook_params({"In": list(history), **namespace}, before={"In"}))
+
+    one_edit = collect({**cell, "params_file": "params/fixture.yaml"})
+    assert {k: v for k, v in one_edit.items() if k != "params_file"} == {k: v for k, v in fixture.items() if k != "params_file"}
+    assert collect({**cell, "params_file": "params/fixture.yaml", "model_size": "small"})["model_size"] == "small"
+    # papermill's injected cell (`-p max_epochs 20`) is explicit although 20 is also the cell's printed default
+    history.append("# Parameters\nparams_file = \"params/fixture.yaml\"\nmax_epochs = 20\n")
+    injected = collect({**cell, "params_file": "params/fixture.yaml"})
+    assert injected["max_epochs"] == 20 and injected["model_size"] == "tiny"
+    assert collect(cell)["data_root"] == "data/nyc"  # without params_file the cell's values are the parameters
+
+
+def test_missing_dataset_stops_the_first_data_cell_with_one_sentence(tmp_path, kernel):
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError, match="DatasetMissing"):
+        execute_notebook("01_load_data", tmp_path, {"data_root": str(tmp_path / "none"),
+                                                   "output_root": str(tmp_path / "out")}, kernel=kernel)
+    cells = nbformat.read(tmp_path / "01_load_data.ipynb", as_version=4).cells
+    failed = [c for c in cells if c.cell_type == "code" and any(o.output_type == "error" for o in c.outputs)]
+    assert len(failed) == 1 and "prepare_dataset(" in failed[0].source
+    (error,) = [o for o in failed[0].outputs if o.output_type == "error"]
+    assert len(error.traceback) == 1, "one message, not a traceback through the package"
+    assert error.traceback[0].startswith(f"DatasetMissing: data_root {tmp_path / 'none'} holds no chip dataset")
+    assert "params_file = 'params/fixture.yaml'" in error.traceback[0] and "notebook 00" in error.traceback[0]
+
+
+def test_injected_parameters_are_only_what_the_run_set(run):
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    changed = {k for k, v in params.items() if v != defaults()[k]}
+    for path in sorted((run / "notebooks").glob("*.ipynb")):
+        (cell,) = [c for c in nbformat.read(path, as_version=4).cells if "injected-parameters" in c.metadata.get("tags", [])]
+        names = {line.split(" = ")[0] for line in cell.source.splitlines()[1:]}
+        assert names - {"variant", "seed", "fold", "resume"} == changed, path.name
+        assert "split_seed" not in names and "normalization" not in names  # left at their defaults by this run
+
+
+def test_kernels_talk_over_private_sockets_without_the_transport_warning_or_a_frontend(capfd, monkeypatch):
+    from jupyter_core.utils import run_sync
+
+    from nycdata.study.notebooks import kernel_manager, shutdown
+
+    monkeypatch.setenv("JPY_SESSION_NAME", "notebooks/04_evaluate.ipynb")  # as when a chain runs inside JupyterLab
+    km = kernel_manager()
+    folder = __import__("pathlib").Path(km.connection_file).parent
+    assert km.transport == "ipc" and folder.stat().st_mode & 0o077 == 0  # only this user can reach the sockets
+    run_sync(km.start_kernel)()
+    client = km.client()
+    client.start_channels()
+    try:
+        run_sync(client.wait_for_ready)(timeout=60)
+        client.execute("import os; print(repr(os.environ.get('JPY_SESSION_NAME')))")
+        outputs = []
+        while not outputs:
+            message = run_sync(client.get_iopub_msg)(timeout=30)
+            if message["msg_type"] == "stream":
+                outputs.append(message["content"]["text"])
+        assert outputs == ["None\n"], "the kernel must not believe a JupyterLab frontend is attached"
+    finally:
+        client.stop_channels()
+        shutdown(km)
+    assert not folder.exists()
+    assert "without encryption" not in capfd.readouterr().err

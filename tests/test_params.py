@@ -97,3 +97,24 @@ def test_parameters_are_a_typed_frozen_object():
     with pytest.raises(ParamError, match="max_epochs"):
         Params({**params, "max_epochs": "many"})  # a dict turned back into parameters is checked again
     assert type({**params}) is dict and dict(params) == {**params}
+
+
+def test_params_file_parameter_reads_that_file_under_explicit_overrides():
+    fixture = load_params(PARAMS_DIR / "fixture.yaml")
+    chosen = load_params(overrides={"params_file": "params/fixture.yaml", "max_epochs": 20})
+    assert chosen["params_file"] == "params/fixture.yaml" and chosen["max_epochs"] == 20  # the explicit value wins
+    assert {k: v for k, v in chosen.items() if k not in ("params_file", "max_epochs")} == \
+        {k: v for k, v in fixture.items() if k not in ("params_file", "max_epochs")}
+    with pytest.raises(ParamError, match=r"parameter params_file: .*nope\.yaml not found.*'params/fixture\.yaml'"):
+        load_params(overrides={"params_file": "params/nope.yaml"})
+
+
+def test_non_default_is_what_a_run_changed_and_keeps_unknown_names_for_the_notebook():
+    from nycdata.params import non_default
+
+    params = load_params(PARAMS_DIR / "fixture.yaml", overrides={"run_name": "x"})
+    changed = non_default({**params, "varaint": "tim"})
+    assert changed["run_name"] == "x" and changed["model_size"] == "tiny" and changed["varaint"] == "tim"
+    assert "split_seed" not in changed and "normalization" not in changed  # fixture.yaml keeps nyc's values
+    del changed["varaint"]
+    assert dict(load_params(overrides=changed)) == dict(params)  # injecting only the changes gives the same run

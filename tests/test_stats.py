@@ -518,7 +518,7 @@ def test_model_card_verdict_and_forest_handle_missing_intervals():
     assert text.count("no interval (1 test parent)") == 2 and "nan" not in text.lower()
     fig = plots.forest({name: c, "other": {**c, "ci95_pp": [-1.0, 3.0], "parent_t_ci95_pp": [-2.0, 4.0]}})
     ax = fig.axes[0]
-    assert sum(t.get_text() == "no interval" for t in ax.texts) == 2
+    assert sum(t.get_text() == "no interval (1 test parent)" for t in ax.texts) == 2
     fig.canvas.draw()
     box = ax.title.get_window_extent()
     assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height   # the title fits the figure

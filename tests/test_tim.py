@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from nycdata import console
 from nycdata.data.classes import IGNORE_INDEX, NUM_CLASSES
 from nycdata.model.tim import ESRI_LULC_CLASSES, ESRI_TO_CLASS, capture_thoughts, decode_lulc, esri_to_class, tim_backbone
 from nycdata.model.variants import VARIANTS, get_variant, variant_model_args
@@ -149,6 +150,7 @@ def test_the_originals_random_generator_is_reproduced_only_when_asked_for(params
     original = {**params, "backbone_ckpt_path": str(raw_checkpoint), "tim_random_generator": True}
     with pytest.raises(ValueError, match="tim_random_generator=true reproduces the original's defect.*allow_random_generator"):
         build_task({**original, "allow_random_generator": False}, get_variant("tim"))
+    console.forget_warnings()  # shown once per process: another test may have shown it already
     with pytest.warns(UserWarning, match="RANDOM generator on purpose"):
         task = build_task(original, get_variant("tim"))
     generator = tim_backbone(task.model).sampler.model.state_dict()

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from nycdata import console
 from nycdata.data.chips import read_index
 from nycdata.data.fixture import FixtureConfig, make_fixture
 from nycdata.params import PARAMS_DIR, load_params
@@ -102,6 +103,7 @@ def test_the_original_configuration_fine_tunes_on_the_fixture(params):
     """params/original.yaml under the fixture's tiny settings: TiM with its random generator, frozen embeddings."""
     original = load_params(PARAMS_DIR / "original.yaml", PARAMS_DIR / "fixture.yaml", overrides={
         k: params[k] for k in ("data_root", "output_root", "run_name", "cv_folds")} | {"max_epochs": 1})
+    console.forget_warnings()  # shown once per process: another test may have shown it already
     with pytest.warns(UserWarning, match="RANDOM generator on purpose"):
         summary = fine_tune({**original, "variant": "tim"})
     assert summary["tim_random_generator"] is True and summary["tim_share_embeddings"] is True

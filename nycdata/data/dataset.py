@@ -261,6 +261,14 @@ def record_folds(params: Mapping) -> Path | None:
     return path
 
 
+class DatasetMissing(FileNotFoundError):
+    """``data_root`` holds no chip dataset; the message says how to build one or switch to the fixture."""
+
+
+class DatasetInvalid(ValueError):
+    """The chip dataset failed validation; the message lists the problems (chip and file)."""
+
+
 def prepare_dataset(params: Mapping, log: Callable[[str], None] = print, validate: bool = True) -> Path:
     """Return the dataset directory of ``params`` (validated unless told not to), generating the fixture if asked to."""
     data_root = resolve_path(params["data_root"])
@@ -270,15 +278,16 @@ def prepare_dataset(params: Mapping, log: Callable[[str], None] = print, validat
         ensure_fixture(data_root, config)
         log(f"dataset: fixture at {data_root}")
     elif not (data_root / chips.SPEC_FILE).is_file():
-        raise FileNotFoundError(
-            f"data_root {data_root} holds no chip dataset. Build it from real sources "
-            "(`python -m nycdata build`, see README) or run with `-f params/fixture.yaml`."
+        raise DatasetMissing(
+            f"data_root {data_root} holds no chip dataset (no {chips.SPEC_FILE}): build it with notebook 00 or "
+            "`python -m nycdata build` (see README), or use the fixture: params_file = 'params/fixture.yaml' in the "
+            "parameters cell, `-f params/fixture.yaml` on the command line."
         )
     if not validate:
         return data_root
     problems = validate_dataset(data_root)
     if problems:
         listing = "\n  ".join(map(str, problems[:20]))
-        raise ValueError(f"dataset {data_root} failed validation ({len(problems)} problems):\n  {listing}")
+        raise DatasetInvalid(f"dataset {data_root} failed validation ({len(problems)} problems):\n  {listing}")
     log(f"dataset: {data_root} validated")
     return data_root

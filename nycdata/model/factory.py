@@ -9,6 +9,7 @@ dropout 0.1, 5 classes.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Sequence
 
 from nycdata.data.classes import NUM_CLASSES
@@ -59,14 +60,30 @@ def backbone_built_outside_global_rng() -> Iterator[None]:
     comparison would mix thinking with initialisation. The backbone's own random init is overwritten by the
     checkpoint when ``pretrained`` (and its draws do not matter for matching). Patches terratorch's module-level
     ``_get_backbone`` through nycdata.model.terratorch_compat (tested there, so an upgrade that moves it fails loudly).
+    terratorch's warning about an untrained TiM is silenced in there (:func:`tim_untrained_warning_silenced`).
     """
     import torch
 
     build_backbone = get_backbone_builder()
 
     def build_in_forked_rng(*args, **kwargs):
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), tim_untrained_warning_silenced():
             return build_backbone(*args, **kwargs)
 
     with patch_get_backbone(build_in_forked_rng):
+        yield
+
+
+@contextlib.contextmanager
+def tim_untrained_warning_silenced() -> Iterator[None]:
+    """Build TiM backbones without terratorch's "TerraMind TiM model not pre-trained" UserWarning.
+
+    Only this one message is filtered, and only while a backbone is built. Training builds a TiM model without
+    TerraMind's weights only when ``nycdata.model.tim.check_generator`` allowed it, and that check says so once and
+    prominently (``nycdata.console.warn``), as ``nycdata.notebook`` does for a whole run with ``pretrained=false``;
+    terratorch's line would repeat it on stderr for every build (a notebook builds several; loading a checkpoint
+    builds the model again).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TerraMind TiM model not pre-trained", category=UserWarning)
         yield

@@ -23,7 +23,6 @@ import functools
 import hashlib
 import json
 import random
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -31,6 +30,7 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 import torch
 
+from nycdata import console
 from nycdata.data import chips
 from nycdata.data.chips import PATCH_SIZE
 from nycdata.data.dataset import D4_TRANSFORMS, ChipDataset, d4_transform
@@ -98,14 +98,15 @@ def fill_thought_cache(task, params: Mapping, variant, device: torch.device, log
     task.model.eval().to(device)
     data_root = resolve_path(params["data_root"])
     datasets = [ChipDataset(data_root, split, online.modalities, params["normalization"]) for split in chips.SPLITS]
-    progress = Progress(sum(map(len, datasets)), "thought cache", log)
-    with replace_dir_atomically(root, overwrite=True) as tmp:
+    # the summary line below ends it: no final line of the bar's own
+    progress = console.progress(sum(map(len, datasets)), "thought cache", unit="chips", log=log, final=False)
+    with replace_dir_atomically(root, overwrite=True) as tmp, progress:
         for dataset in datasets:  # every chip: with cross-validation every chip trains in some fold
             for i in range(len(dataset)):
                 sample = dataset[i]
                 ids = think_chip(task, sample, identity["samples"], params["thought_seed"], params["precision"])
                 write_thoughts(tmp, sample["filename"], ids)
-                progress.step()
+                progress.update()
         write_json(tmp / CACHE_DONE_FILE, {"identity": identity, "chips": progress.done,
                                            "seconds": progress.elapsed(), "device": str(device)})
     log(f"cached thoughts of {progress.done} chips x 8 transforms x {identity['samples']} samples in "
@@ -151,22 +152,6 @@ def autocast(precision: str, device: torch.device):
     """The autocast Lightning's ``precision`` runs the forward under (none for 32/64-bit)."""
     dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(str(precision).split("-")[0])
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-class Progress:
-    """``label: i/N chips, s elapsed, ETA s`` lines about every 10 % of the work (plain text for papermill logs)."""
-
-    def __init__(self, total: int, label: str, log: Callable[[str], None]):
-        self.total, self.label, self.log, self.done, self.started = total, label, log, 0, time.monotonic()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def step(self) -> None:
-        self.done += 1
-        if self.done == self.total or self.done % max(1, self.total // 10) == 0:
-            eta = self.elapsed() / self.done * (self.total - self.done)
-            self.log(f"{self.label}: {self.done}/{self.total} chips, {self.elapsed():.0f} s elapsed, ETA {eta:.0f} s")
 
 
 def file_sha256(*paths: Path) -> str:

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from nycdata import console
 from nycdata.data.chips import PATCH_SIZE
 from nycdata.data.classes import IGNORE_INDEX
 from nycdata.data.metrics import confusion_matrix, metrics_from_confusion
 from nycdata.data.thoughts import THOUGHTS_KEY
 from nycdata.model import terratorch_compat as compat
+from nycdata.model.factory import tim_untrained_warning_silenced
 
 # TerraMind's LULC modality follows the ESRI / Impact Observatory 10 m annual land cover. The channel order is
 # documented on the model card of ibm-esa-geospatial/TerraMind-1.0-Tokenizer-LULC ("No data, water, trees, flooded
@@ -233,7 +234,7 @@ def share_random_generator(model: torch.nn.Module, model_args: dict, force: bool
     if key not in _random_generators:
         from terratorch.models import EncoderDecoderFactory
 
-        with torch.random.fork_rng(devices=[]), tokenizers_deferred():
+        with torch.random.fork_rng(devices=[]), tokenizers_deferred(), tim_untrained_warning_silenced():
             torch.manual_seed(RANDOM_GENERATOR_SEED)
             reference = EncoderDecoderFactory().build_model(task="segmentation", **model_args)
         _random_generators[key] = compat.generator_of(tim_backbone(reference)).state_dict()
@@ -291,7 +292,11 @@ def random_generator_warning(variant_name: str) -> str:
 
 
 def check_generator(params, variant) -> str | None:
-    """Refuse a TiM model whose generator would stay random, unless explicitly allowed; return a warning then."""
+    """Refuse a TiM model whose generator would stay random, unless explicitly allowed; return a warning then.
+
+    The warning is shown through :func:`nycdata.console.warn`, so however many builds check it (a notebook's own
+    check, then ``build_task`` inside ``fine_tune``), it appears once.
+    """
     if variant.uses_generator and params["tim_random_generator"]:
         if not params["allow_random_generator"]:
             raise ValueError(
@@ -300,7 +305,7 @@ def check_generator(params, variant) -> str | None:
                 "setting on purpose (params/original.yaml does), or tim_random_generator=false for a real TiM.")
         message = (f"WARNING: variant {variant.name!r} thinks with a RANDOM generator on purpose (tim_random_generator, "
                    "the original experiment's defect): its thoughts are noise.")
-        warnings.warn(message, stacklevel=2)
+        console.warn(message, stacklevel=2)
         return message
     if not variant.uses_generator or params["pretrained"] or params["backbone_ckpt_path"]:
         return None  # weights come from a file: build_task verifies them
@@ -311,7 +316,7 @@ def check_generator(params, variant) -> str | None:
             "allow_random_generator=true."
         )
     message = random_generator_warning(variant.name)
-    warnings.warn(message, stacklevel=2)
+    console.warn(message, stacklevel=2)
     return message
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -34,6 +33,7 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
+from nycdata import console
 from nycdata.data import chips
 from nycdata.data.chips import TERRAMIND_V1_STATS
 from nycdata.data.classes import IGNORE_INDEX, class_counts, worldcover_to_class
@@ -179,10 +179,10 @@ def s1_db(path: str, grid: Grid, declared: str, where: str, convert: bool = True
     scale = declared
     looks_db = np.nanmedian(np.where(valid, values, np.nan)) < 0 if valid.any() else declared == "db"
     if declared == "linear" and looks_db:
-        warnings.warn(f"{where}: declared linear but holds negative values (dB?); used as dB", stacklevel=2)
+        console.warn(f"{where}: declared linear but holds negative values (dB?); used as dB", stacklevel=2)
         scale = "db"
     elif declared == "db" and not looks_db:
-        warnings.warn(f"{where}: declared dB but all values are positive (linear power?); converted to dB", stacklevel=2)
+        console.warn(f"{where}: declared dB but all values are positive (linear power?); converted to dB", stacklevel=2)
         scale = "linear"
     if scale == "linear":
         valid &= values > 0
@@ -391,14 +391,18 @@ def build_dataset(manifest_path: Path, out_dir: Path, params: Mapping, overwrite
     manifest = manifest_frame(manifest_path)
     parents = sorted(p for p in set(manifest["parent_id"]) if p != ALL_PARENTS)
     size = params["chip_size"]
+    # a line per parent already says where the build is; the bar adds the ETA (and a widget in JupyterLab)
+    progress = console.progress(len(parents), "dataset build", unit="parents", log=log, final=False)
     with replace_dir_atomically(Path(out_dir), overwrite=overwrite) as tmp:
         frames = []
-        for i, parent in enumerate(parents, start=1):
-            stack = assemble_parent(manifest, parent, params, log)
-            rows, dropped = write_parent_chips(tmp, stack, size, params["min_valid_fraction"])
-            log(f"[{i}/{len(parents)}] {parent}: {len(rows)} chips, {dropped} dropped (< {params['min_valid_fraction']:.0%} valid labels)")
-            if rows:
-                frames.append(gpd.GeoDataFrame(rows, geometry="geometry", crs=stack.grid.crs).to_crs(chips.INDEX_CRS))
+        with progress:
+            for i, parent in enumerate(parents, start=1):
+                stack = assemble_parent(manifest, parent, params, log)
+                rows, dropped = write_parent_chips(tmp, stack, size, params["min_valid_fraction"])
+                log(f"[{i}/{len(parents)}] {parent}: {len(rows)} chips, {dropped} dropped (< {params['min_valid_fraction']:.0%} valid labels)")
+                if rows:
+                    frames.append(gpd.GeoDataFrame(rows, geometry="geometry", crs=stack.grid.crs).to_crs(chips.INDEX_CRS))
+                progress.update()
         if not frames:
             raise SourceError(f"{manifest_path}: no chip survived; check the chip_size and min_valid_fraction parameters")
         index = _assign_splits(pd.concat(frames, ignore_index=True), params, log)

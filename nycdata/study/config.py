@@ -5,7 +5,7 @@ It is written in LightningCLI's shape (``trainer``, ``data``, ``model``; every o
 ``init_args``): ``export-config`` dumps it as YAML; ``fine_tune`` instantiates its trainer part with
 :func:`instantiate` and builds its task from the same :func:`task_kwargs`. The differences are on purpose and
 named in :func:`nycdata.study.train.make_trainer`: fine_tune's CSV logger appends when a run resumes, and it adds
-a plain per-epoch log line.
+a plain per-epoch log line and, in JupyterLab only, a progress widget (Lightning's own bar stays off).
 """
 
 from __future__ import annotations

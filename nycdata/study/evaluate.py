@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from nycdata import console
 from nycdata.data import chips
 from nycdata.data.classes import CLASS_NAMES, NUM_CLASSES
 from nycdata.data.metrics import CM_COLUMNS, metrics_from_confusion, per_chip_confusion
@@ -134,7 +135,8 @@ def test_all(params: Mapping, log: Callable[[str], None] = print, device: str | 
         raise FileNotFoundError(f"no finished fine-tune under {layout.root}: run 03_finetune first")
     index = chips.read_index(resolve_path(params["data_root"]))[["chip_id", "parent_id"]]
     frames = []
-    for run in runs:
+    # a line per run says which was tested; the bar adds the ETA over the study's runs (and a widget in JupyterLab)
+    for run in console.track(runs, "testing", unit="runs", log=log, final=False):
         cell = run_params(params, run)
         frames.append(test_run(run, cell, variant_datamodule(cell, get_variant(run.variant), log), device))
         log(f"tested {run.variant}/" + (f"fold{run.fold}/" if run.fold is not None else "") + f"seed{run.seed}")

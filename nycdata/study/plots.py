@@ -10,7 +10,7 @@ import pandas as pd
 
 from nycdata.data.classes import CLASS_COLOURS, CLASS_NAMES, colormap, legend_handles
 from nycdata.model.tim import ESRI_LULC_CLASSES, ESRI_LULC_COLOURS
-from nycdata.study.stats import present_interval
+from nycdata.study.stats import no_interval_text, present_interval
 
 S2_RGB = (3, 2, 1)  # B04, B03, B02 within a timestep
 
@@ -132,12 +132,13 @@ def thought_panel(rgb_image, truth, esri_map, thought_classes, tokens, predictio
     return fig
 
 
-def _forest_row(ax, y: float, centre: float, interval, marker: str, colour: str, label) -> None:
-    """One point with its interval bar, or the point alone marked "no interval" when the interval is missing."""
+def _forest_row(ax, y: float, centre: float, interval, n_parents: int, marker: str, colour: str, label) -> None:
+    """One point with its interval bar, or the point alone marked as the tables mark a missing interval."""
     present = present_interval(interval)
     ax.plot(centre, y, marker=marker, color=colour, linestyle="none", label=label)
     if present is None:
-        ax.annotate("no interval", (centre, y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.annotate(no_interval_text(n_parents), (centre, y), xytext=(6, 0), textcoords="offset points", va="center",
+                    fontsize=8)
     else:  # a bar from lo to hi, not errorbar: a percentile interval need not contain its point estimate
         ax.plot(present, [y, y], color=colour, marker="|", markersize=10)
 
@@ -145,8 +146,10 @@ def _forest_row(ax, y: float, centre: float, interval, marker: str, colour: str,
 def forest(comparison: dict):
     """Per comparison: pooled delta with its bootstrap CI and mean per-parent delta with its t-interval (pp)."""
     names = list(comparison)
-    # constrained layout keeps title, labels and the legend below the axes inside the figure
-    fig, ax = plt.subplots(figsize=(7.5, 0.8 * len(names) + 2.2), layout="constrained")
+    # Wider for long comparison names, which constrained layout would otherwise take from the axes until the bars
+    # are a sliver; it keeps title, labels and the legend below the axes inside the figure.
+    width = max(7.5, 5.0 + 0.085 * max(map(len, names), default=0))
+    fig, ax = plt.subplots(figsize=(width, 0.8 * len(names) + 2.2), layout="constrained")
     rows = (("delta_miou_pp", "ci95_pp", 0.15, "o", "#1f77b4", "pooled Δ, bootstrap CI (parents, seeds)"),
             ("parent_mean_delta_pp", "parent_t_ci95_pp", -0.15, "s", "#d62728", "mean per-parent Δ, t-interval"))
     labelled = set()
@@ -154,7 +157,8 @@ def forest(comparison: dict):
         c = comparison[name]
         for centre, interval, dy, marker, colour, label in rows:
             if c.get(centre) is not None:   # results of older runs have no per-parent row
-                _forest_row(ax, i + dy, c[centre], c.get(interval), marker, colour, None if label in labelled else label)
+                _forest_row(ax, i + dy, c[centre], c.get(interval), c["n_parents"], marker, colour,
+                            None if label in labelled else label)
                 labelled.add(label)
     for x, style in ((0, "-"), (1, ":"), (2, "--")):
         ax.axvline(x, color="grey", linestyle=style, linewidth=1)
@@ -169,16 +173,19 @@ def forest(comparison: dict):
 def per_class_delta(comparison: dict):
     """Per-class IoU delta (pp) of each comparison, bars in class colours."""
     frame = pd.DataFrame({name: c["per_class_delta_iou_pp"] for name, c in comparison.items()}).reindex(list(CLASS_NAMES))
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 3.5 + 0.2 * len(frame.columns)), layout="constrained")
     width = 0.8 / max(len(frame.columns), 1)
+    hatches = ["", "//", "..", "xx", "\\\\", "oo", "--", "++", "**", "||"]
     for j, name in enumerate(frame.columns):
         ax.bar(np.arange(len(frame)) + j * width, frame[name], width, color=list(CLASS_COLOURS), edgecolor="black",
-               hatch=["", "//", "..", "xx"][j % 4], label=name)
+               hatch=hatches[j % len(hatches)])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(frame)) + width * (len(frame.columns) - 1) / 2, frame.index)
     ax.set_ylabel("Δ IoU (pp)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    # the bars take their class's colour, so a comparison is told by its hatch alone; below the axes, never over a bar
+    handles = [matplotlib.patches.Patch(facecolor="white", edgecolor="black", hatch=hatches[j % len(hatches)], label=name)
+               for j, name in enumerate(frame.columns)]
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncol=2, frameon=False)
     return fig
 
 

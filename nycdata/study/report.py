@@ -1,9 +1,17 @@
-"""``summary.md``: the results table, the gate verdicts and links to the rendered notebooks of a run."""
+"""``summary.md`` and ``index.html``: the results table, the gate verdicts and links to everything a run wrote.
+
+``index.html`` is ``summary.md`` rendered to one standalone page (relative links only, so it opens from a copied or
+unzipped folder on any machine) plus a list of every notebook, figure and data file in the folder.
+"""
 
 from __future__ import annotations
 
+import html
 import json
+import math
+import re
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -13,6 +21,21 @@ from nycdata.study import plots
 from nycdata.study.evaluate import per_chip_gain, variant_metrics
 from nycdata.study.stats import FEW_PARENTS, PUBLISH_RULES, check_publish_rule, interval_text
 
+INDEX_FILE = "index.html"
+# A tight box grown by a margin keeps titles, legends and labels that stick out of the layout inside the image.
+SAVEFIG_OPTIONS = {"dpi": 110, "bbox_inches": "tight", "pad_inches": 0.1}
+PAGE_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; line-height: 1.5;
+       max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+table { border-collapse: collapse; margin: 1rem 0; display: block; overflow-x: auto; }
+th, td { border: 1px solid #999; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; }
+th { background: #f0f0f0; }
+img { max-width: 100%; height: auto; }
+code, pre { background: #f6f6f6; }
+pre { padding: 0.5rem; overflow-x: auto; }
+a.anchor-link { visibility: hidden; text-decoration: none; margin-left: 0.3rem; }
+h1:hover a.anchor-link, h2:hover a.anchor-link, h3:hover a.anchor-link { visibility: visible; }
+"""
 
 
 def results_table(per_chip: pd.DataFrame) -> pd.DataFrame:
@@ -39,10 +62,15 @@ def markdown_results(results: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def is_missing(value) -> bool:
+    """None, or NaN as results of older runs hold it: printed as missing, never as "nan"."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _sign_flip_text(c: dict) -> str:
     """p with what it could have been at best: with 4 parents, 0.125 is the smallest p there is."""
     p = c.get("sign_flip_p")
-    if p is None:
+    if is_missing(p):
         return "–"
     floor = f"min {c['sign_flip_min_p']:.3g}" if c.get("sign_flip_method") == "exact" else "Monte Carlo"
     return f"{p:.3g} ({floor})"
@@ -76,7 +104,8 @@ def markdown_per_fold(comparison: dict) -> str | None:
         return None
     lines = ["| comparison | " + " | ".join(f"fold {f}" for f in folds) + " |", "|---|" + "---|" * len(folds)]
     for name, c in comparison.items():
-        cells = [f"{c['per_fold_delta_pp'][f]:+.2f}" if f in c.get("per_fold_delta_pp", {}) else "–" for f in folds]
+        deltas = c.get("per_fold_delta_pp", {})
+        cells = ["–" if is_missing(deltas.get(f)) else f"{deltas[f]:+.2f}" for f in folds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -113,13 +142,90 @@ def write_figures(root: Path, per_chip: pd.DataFrame, comparison: dict) -> list[
         points = per_chip_gain(per_chip, "tim", "baseline").merge(pd.read_csv(agreement_file), on="chip_id")
         made["gain_vs_thought_agreement.png"] = plots.gain_vs_agreement(points)
     for name, fig in made.items():
-        fig.savefig(figures / name, dpi=110)
+        save_figure(fig, figures / name)
         plt.close(fig)
     return [figures / name for name in made]
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Save ``fig`` as the report's figures are saved: nothing drawn is cut off at the image's edge."""
+    fig.savefig(path, **SAVEFIG_OPTIONS)
+    return path
+
+
+# --- index.html: the summary as a page a reviewer opens without a Markdown viewer or Jupyter
+
+FILE_NOTES = {  # RunLayout attribute -> what the file holds, for the index's file list
+    "results": "test metrics per variant (mean and std over seeds)",
+    "comparison": "every comparison: deltas, intervals, sign-flip p, verdicts",
+    "per_chip": "per test chip confusion matrices of every variant and seed (everything else derives from it)",
+    "params_file": "the run's exact parameters",
+    "data_summary": "chips, parents and splits of the data set",
+    "folds": "cross-validation folds of the parents",
+    "s2_medians": "Sentinel-2 band medians against TerraMind's pretraining statistics",
+    "smoke": "the smoke test's result",
+    "thoughts": "TiM thought agreement with the ground truth",
+    "thoughts_per_chip": "thought agreement per test chip",
+    "test_metrics": "test metrics of the run",
+    "summary": "this page's Markdown source",
+    "bench_json": "benchmark timings",
+    "bench_md": "benchmark report",
+    "supplement_zip": "the supplementary material, zipped",
+}
+_LINK_TARGET = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _href(path: str) -> str:
+    return quote(path, safe="/")
+
+
+def files_section(folder: Path, markdown: str, notes: dict[str, str] | None = None) -> str | None:
+    """Markdown list of every rendered notebook, figure and top-level file in ``folder`` that ``markdown`` does not
+    link yet (relative links), or None when it links them all.
+
+    ``notes``: file name -> what it holds, added to :data:`FILE_NOTES`' descriptions.
+    """
+    folder, layout = Path(folder), RunLayout(Path(folder))
+    linked = {target.split("#", 1)[0] for target in _LINK_TARGET.findall(markdown)}
+    notes = {**{getattr(layout, key).name: note for key, note in FILE_NOTES.items()}, **(notes or {})}
+    # dot files are half-written temporaries of atomic writers, not results
+    groups = [("Rendered notebooks", sorted(layout.html.glob("*.html"))),
+              ("Figures", sorted(p for p in layout.figures.glob("*") if p.is_file() and not p.name.startswith("."))),
+              ("Data and reports", sorted(p for p in folder.iterdir()
+                                          if p.is_file() and p.name != INDEX_FILE and not p.name.startswith(".")))]
+    lines = []
+    for heading, paths in groups:
+        items = [p.relative_to(folder).as_posix() for p in paths]
+        items = [item for item in items if _href(item) not in linked and item not in linked]
+        if items:
+            lines += ["", f"{heading}:", ""]
+            lines += [f"- [`{item}`]({_href(item)})" + (f": {notes[item]}" if item in notes else "") for item in items]
+    return "\n".join(["## Files", *lines]) if lines else None
+
+
+def markdown_page(markdown: str, title: str) -> str:
+    """``markdown`` rendered to a standalone UTF-8 HTML page (the Markdown renderer nbconvert ships; tables included)."""
+    from nbconvert.filters.markdown_mistune import markdown2html_mistune  # as render_html: only pages pay for nbconvert
+
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{PAGE_STYLE}</style>\n</head>\n<body>\n<main>\n"
+            f"{markdown2html_mistune(markdown)}\n</main>\n</body>\n</html>\n")
+
+
+def write_index(folder: Path, markdown: str, title: str, notes: dict[str, str] | None = None) -> Path:
+    """Write ``folder/index.html``: ``markdown`` and a list of whatever else ``folder`` holds, all linked relatively."""
+    folder = Path(folder)
+    files = files_section(folder, markdown, notes)
+    page = markdown_page(markdown + ("\n\n" + files if files else ""), title)
+    path = folder / INDEX_FILE
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
 def write_summary(root: Path, params: dict, html_files: list[Path]) -> Path:
-    """Write ``summary.md`` of the run at ``root`` from its ``per_chip.csv`` and ``comparison.json``."""
+    """Write ``summary.md`` of the run at ``root`` from its ``per_chip.csv`` and ``comparison.json``, and the same
+    rendered to ``index.html`` with links to every notebook, figure and data file of the run."""
     root, layout = Path(root), RunLayout(Path(root))
     per_chip = pd.read_csv(layout.per_chip)
     comparison = json.loads(layout.comparison.read_text())
@@ -151,5 +257,7 @@ def write_summary(root: Path, params: dict, html_files: list[Path]) -> Path:
     parts += [*[f"![{f.stem}]({f.relative_to(root).as_posix()})" for f in figures], "", "## Notebooks", ""]
     parts += [f"- [{f.stem}]({f.relative_to(root).as_posix()})" for f in html_files]
     path = layout.summary
-    path.write_text("\n".join(parts) + "\n")
+    text = "\n".join(parts) + "\n"
+    path.write_text(text, encoding="utf-8")
+    write_index(root, text, f"Run {params['run_name']}: summary")
     return path

@@ -131,7 +131,7 @@ def time_train_step(task, batch: Mapping, repeats: int = 1, warmup: int = 0, opt
             for key, value in (("step_s", time.perf_counter() - started), ("forward_s", middle - started),
                                ("backward_s", time.perf_counter() - middle)):
                 times[key].append(value)
-    return {**{k: statistics.median(v) for k, v in times.items()}, "loss": float(loss), "logits_shape": list(logits.shape)}
+    return {**{k: statistics.median(v) for k, v in times.items()}, "loss": float(loss.detach()), "logits_shape": list(logits.shape)}
 
 
 def s2_medians_by_period(data_dir, index, max_chips: int = 200, stride: int = 4, seed: int = 0) -> pd.DataFrame:

@@ -3,6 +3,9 @@
 ``supplement/`` (and ``supplement.zip``) is self-contained and viewable offline
 without Jupyter: rendered notebooks, ``summary.md``, ``results.csv``,
 ``comparison.json``, figures, the exact params, package versions and the card.
+Its front page is ``index.html``: the summary rendered, with relative links to
+everything in the folder and to the card rendered as ``MODEL_CARD.html``, so a
+browser is all a reviewer needs, from the unzipped archive on any machine.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from nycdata.data.classes import CLASSES
 from nycdata.io import replace_dir_atomically
 from nycdata.runs import CellLayout, RunLayout
 from nycdata.study.evaluate import finished_runs
+from nycdata.study.report import is_missing, markdown_page, write_index
 from nycdata.study.stats import interval_text
 
 CARD_FILE = "MODEL_CARD.md"
+CARD_PAGE = "MODEL_CARD.html"
+VERSIONS_FILE = "versions.json"
 COPIED = ("summary", "results", "comparison", "per_chip", "data_summary", "smoke", "thoughts", "params_file")  # RunLayout
 VERSIONED = ("torch", "terratorch", "torchgeo", "lightning", "torchmetrics", "rasterio", "geopandas", "numpy",
              "papermill", "huggingface_hub", "nycdata")
@@ -49,7 +55,7 @@ def _verdict_text(name: str, c: Mapping) -> str:
     n = c["n_parents"]
     delta = c.get("delta_miou_pp_rounded", c["delta_miou_pp"])
     p = c.get("sign_flip_p")
-    sign_flip = f", sign-flip p {p:.3g} over {n} test parent{'' if n == 1 else 's'}" if p is not None else ""
+    sign_flip = "" if is_missing(p) else f", sign-flip p {p:.3g} over {n} test parent{'' if n == 1 else 's'}"
     excludes = "exclude 0" if c.get("interval_excludes_zero", c["ci_excludes_zero"]) else "do not both exclude 0"
     return (f"{name}: {delta:+.2f} pp, 95 % CI bootstrap {interval_text(c['ci95_pp'], n)}, parent t-interval "
             f"{interval_text(c.get('parent_t_ci95_pp'), n)}{sign_flip} (intervals {excludes}), {c['verdict']}, "
@@ -61,7 +67,7 @@ def model_card(root: Path, params: Mapping) -> str:
     layout = RunLayout(Path(root))
     comparison = json.loads(_require(layout.comparison).read_text())
     data = json.loads(_require(layout.data_summary).read_text())
-    summary = _require(layout.summary).read_text()
+    summary = _require(layout.summary).read_text(encoding="utf-8")
     verdicts = "; ".join(_verdict_text(n, c) for n, c in comparison.items())
     front = {"library_name": "terratorch", "license": "apache-2.0", "pipeline_tag": "image-segmentation",
              "tags": ["terramind", "thinking-in-modalities", "land-cover", "new-york-city", "sentinel-2", "sentinel-1"]}
@@ -105,8 +111,25 @@ python -m nycdata supplement -f params/nyc.yaml
 """
 
 
+def card_page(card: str, run_name: str) -> str:
+    """The model card as a standalone HTML page; its YAML front matter (Hugging Face's metadata) shown as code at the end."""
+    _, front, body = card.split("---\n", 2) if card.startswith("---\n") else ("", "", card)
+    metadata = f"\n## Hugging Face metadata\n\n```yaml\n{front}```\n" if front else ""
+    return markdown_page(body + metadata, f"Model card: run {run_name}")
+
+
+def supplement_front(summary: str, params: Mapping) -> str:
+    """The supplement's front page in Markdown: what the folder is, the card and versions first, then the summary."""
+    heading, _, rest = summary.partition("\n")
+    params_file = RunLayout.of(params).params_file.name
+    intro = (f"Supplementary material of run `{params['run_name']}`: the [model card]({CARD_PAGE}) "
+             f"([Markdown]({CARD_FILE})), the [package versions]({VERSIONS_FILE}) and the "
+             f"[exact parameters]({params_file}) of the run; the rest of the folder is listed at the end of this page.")
+    return "\n".join([heading, "", intro, rest])
+
+
 def build_supplement(params: Mapping, log: Callable[[str], None] = print) -> Path:
-    """Pack ``supplement/`` and ``supplement.zip`` next to the run's results."""
+    """Pack ``supplement/`` and ``supplement.zip`` next to the run's results, ``index.html`` as the front page."""
     layout = RunLayout.of(params)
     root = layout.root
     with replace_dir_atomically(layout.supplement, overwrite=True) as tmp:
@@ -116,8 +139,14 @@ def build_supplement(params: Mapping, log: Callable[[str], None] = print) -> Pat
         for folder in (layout.html, layout.figures):
             if folder.is_dir():
                 shutil.copytree(folder, tmp / folder.name)
-        (tmp / "versions.json").write_text(json.dumps(package_versions(), indent=2) + "\n")
-        (tmp / CARD_FILE).write_text(model_card(root, params))
+        (tmp / VERSIONS_FILE).write_text(json.dumps(package_versions(), indent=2) + "\n")
+        card = model_card(root, params)
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        (tmp / CARD_PAGE).write_text(card_page(card, params["run_name"]), encoding="utf-8")
+        summary = (tmp / layout.summary.name).read_text(encoding="utf-8")  # model_card required it
+        write_index(tmp, supplement_front(summary, params), f"Run {params['run_name']}: supplementary material",
+                    notes={CARD_FILE: "the model card (Hugging Face README)", CARD_PAGE: "the model card, rendered",
+                           VERSIONS_FILE: "Python and package versions of the run"})
     archive = shutil.make_archive(str(layout.supplement_zip.with_suffix("")), "zip", layout.supplement)
     log(f"supplement: {layout.supplement} and {archive}")
     return layout.supplement

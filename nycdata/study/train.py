@@ -9,7 +9,9 @@ cell starts again: :mod:`nycdata.study.checkpoints`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -24,6 +26,7 @@ import pandas as pd
 import torch
 from terratorch.tasks import SemanticSegmentationTask
 
+from nycdata import console
 from nycdata.data.classes import CLASS_NAMES, IGNORE_INDEX
 from nycdata.data.dataset import NYCDataModule, record_folds
 from nycdata.io import write_json
@@ -220,15 +223,83 @@ class BatchSeeds(pl.Callback):
         torch.manual_seed(seed)
 
 
+class TrainingBar(pl.Callback):
+    """A progress widget over the run's training batches (epochs x batches) while a person watches in JupyterLab
+    (:func:`nycdata.console.live_frontend`); nothing headless, where :class:`EpochLog`'s lines tell the progress and a
+    widget would be a dead blob in the executed notebook. Lightning's own bar stays off (``enable_progress_bar``)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_start(self, trainer, pl_module):
+        batches, epochs = trainer.num_training_batches, trainer.max_epochs
+        if not (trainer.is_global_zero and console.live_frontend() and math.isfinite(batches) and batches > 0
+                and epochs is not None and epochs > 0):
+            return
+        self.bar = console.progress(epochs * int(batches), "fine-tuning", unit="batches", final=False,
+                                    initial=trainer.current_epoch * int(batches))  # a resumed run starts part-way
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.bar is not None:
+            self.bar.update()
+
+    def on_train_end(self, trainer, pl_module):
+        self._close(failed=False)  # short of max_epochs here means early stopping, not a failure
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._close(failed=True)
+
+    def _close(self, failed: bool) -> None:
+        if self.bar is not None:
+            self.bar.close(failed=failed)
+            self.bar = None
+
+
+# Lightning's INFO lines go to stderr through these loggers: "GPU available: ..., used: ...", "TPU available", the
+# litlogger tip, "Using bf16 Automatic Mixed Precision", the CUDA_VISIBLE_DEVICES line and "`Trainer.fit` stopped:
+# `max_epochs=N` reached" (EpochLog's last line says as much). fine_tune logs the one fact among them a reader needs,
+# the device (device_summary). Lightning's warnings go through the warnings module and are not affected.
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                          "lightning.pytorch.accelerators.cuda")
+
+
+@contextlib.contextmanager
+def lightning_quiet():
+    """Build and fit a Trainer without Lightning's info chatter and three warnings that say nothing about this run."""
+    with console.quiet_loggers(*LIGHTNING_INFO_LOGGERS), warnings.catch_warnings():
+        # the loaders' worker count is a parameter (num_workers), chosen per machine
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # Lightning 2.6's own _pytree helper builds torch's deprecated LeafSpec; nothing of ours to change
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        # a torchmetrics bug, not a metric computed before its update: in terratorch's metric collection the
+        # ClasswiseWrapper'd per-class MulticlassAccuracy shares a compute group with the macro accuracy, and after
+        # the first epoch only the group's first member is updated; the wrapper receives the shared state and update
+        # count but its inner metric's count stays 0, so its compute() warns although its values are right (checked
+        # against a collection without compute groups)
+        warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric MulticlassAccuracy was called "
+                                                  r"before the ``update`` method", category=UserWarning)
+        yield
+
+
+def device_summary(trainer: pl.Trainer) -> str:
+    """Where a Trainer runs, in one line (what Lightning's silenced "GPU available: ..., used: ..." said)."""
+    device = trainer.strategy.root_device
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    count = trainer.num_devices
+    return (f"training on {device.type}{name}, {count} device{'' if count == 1 else 's'}, "
+            f"precision {trainer.precision}")
+
+
 def make_trainer(params: Mapping, run_dir: Path, log: Callable[[str], None], callbacks=()) -> pl.Trainer:
     """The Trainer of :func:`nycdata.study.config.trainer_config` (what ``export-config`` prints), but with a CSV
-    logger that appends when a run resumes and a plain line per epoch for headless logs."""
+    logger that appends when a run resumes, a plain line per epoch for headless logs and a widget bar in JupyterLab."""
     config = trainer_config(params, run_dir)
     configured = [instantiate(spec) for spec in config.pop("callbacks")]
     plugins = [instantiate(spec) for spec in config.pop("plugins")]
     config.pop("logger")
     return pl.Trainer(**config, plugins=plugins, logger=_appending_csv_logger(run_dir),
-                      callbacks=[*configured, EpochLog(log), *callbacks])
+                      callbacks=[*configured, EpochLog(log), TrainingBar(), *callbacks])
 
 
 def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = None,
@@ -258,15 +329,16 @@ def fine_tune(params: Mapping, seed: int | None = None, resume: bool | None = No
     seed_everything(cell["seed"])
     task = build_task(cell, variant)
     groups = parameter_groups(task.model)
-    trainer = make_trainer(cell, layout.root, log, [*callbacks, *_injected_kill(layout.root)])
-    started = time.monotonic()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            trainer.fit(task, datamodule=datamodule, ckpt_path=str(layout.last_checkpoint) if resume else None)
-    finally:  # an interrupted leg still counts towards the run's wall time
+    with lightning_quiet():
+        trainer = make_trainer(cell, layout.root, log, [*callbacks, *_injected_kill(layout.root)])
         if trainer.is_global_zero:
-            _add_wall_time(layout.root, time.monotonic() - started)
+            log(device_summary(trainer))
+        started = time.monotonic()
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=str(layout.last_checkpoint) if resume else None)
+        finally:  # an interrupted leg still counts towards the run's wall time
+            if trainer.is_global_zero:
+                _add_wall_time(layout.root, time.monotonic() - started)
     if not trainer.is_global_zero:
         return {}
     summary = _write_summary(layout.root, variant, cell, trainer, groups)
