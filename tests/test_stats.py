@@ -505,6 +505,16 @@ def test_markdown_comparison_prints_missing_intervals_in_one_phrase_and_warns_ab
         publish_rule_text({}, {"publish_rule": "maybe"})
 
 
+def test_notebook_comparison_table_prints_intervals_as_the_reports_do():
+    from nycdata.study.report import COMPARISON_COLUMNS, comparison_frame
+
+    one, four = _comparison(1), _comparison(4)
+    frame = comparison_frame({**one, "four": {**next(iter(four.values()))}})
+    assert list(frame.columns) == COMPARISON_COLUMNS
+    assert list(frame.iloc[0][["ci95_pp", "parent_t_ci95_pp"]]) == ["no interval (1 test parent)"] * 2
+    assert frame.iloc[1]["ci95_pp"].startswith("[") and "nan" not in frame[["ci95_pp", "parent_t_ci95_pp"]].to_string()
+
+
 def test_model_card_verdict_and_forest_handle_missing_intervals():
     import matplotlib
 

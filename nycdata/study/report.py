@@ -62,6 +62,18 @@ def markdown_results(results: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+COMPARISON_COLUMNS = ["kind", "matched", "n_seeds", "n_parents", "n_test_chips", "baseline_miou", "tim_miou",
+                      "delta_miou_pp", "ci95_pp", "parent_t_ci95_pp", "sign_flip_p", "seed_std_pp", "verdict", "publish"]
+
+
+def comparison_frame(comparison: dict) -> pd.DataFrame:
+    """The comparisons as a table for a notebook, intervals in the words of summary.md and the model card."""
+    frame = pd.DataFrame(comparison).T.reindex(columns=COMPARISON_COLUMNS)
+    for column in ("ci95_pp", "parent_t_ci95_pp"):
+        frame[column] = [interval_text(c.get(column), c["n_parents"]) for c in comparison.values()]
+    return frame
+
+
 def is_missing(value) -> bool:
     """None, or NaN as results of older runs hold it: printed as missing, never as "nan"."""
     return value is None or (isinstance(value, float) and math.isnan(value))
