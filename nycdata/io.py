@@ -54,11 +54,12 @@ def write_json(path: Path, payload) -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` via a temporary sibling file and rename, so readers never see half a file."""
+    """Write ``text`` (UTF-8, whatever the locale: reports hold "Δ" and "±") via a temporary sibling file and
+    rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
 

@@ -16,6 +16,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from nycdata.data.classes import CLASS_NAMES
+from nycdata.io import atomic_write_text
 from nycdata.runs import RunLayout
 from nycdata.study import plots
 from nycdata.study.evaluate import per_chip_gain, variant_metrics
@@ -230,9 +231,7 @@ def write_index(folder: Path, markdown: str, title: str, notes: dict[str, str] |
     folder = Path(folder)
     files = files_section(folder, markdown, notes)
     page = markdown_page(markdown + ("\n\n" + files if files else ""), title)
-    path = folder / INDEX_FILE
-    path.write_text(page, encoding="utf-8")
-    return path
+    return atomic_write_text(folder / INDEX_FILE, page)
 
 
 def write_summary(root: Path, params: dict, html_files: list[Path]) -> Path:
@@ -268,8 +267,7 @@ def write_summary(root: Path, params: dict, html_files: list[Path]) -> Path:
     parts += ["Δ mIoU (pp) per cross-validation fold, on each fold's own test parents:", "", per_fold, ""] if per_fold else []
     parts += [*[f"![{f.stem}]({f.relative_to(root).as_posix()})" for f in figures], "", "## Notebooks", ""]
     parts += [f"- [{f.stem}]({f.relative_to(root).as_posix()})" for f in html_files]
-    path = layout.summary
     text = "\n".join(parts) + "\n"
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(layout.summary, text)
     write_index(root, text, f"Run {params['run_name']}: summary")
-    return path
+    return layout.summary
